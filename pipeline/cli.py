@@ -1,0 +1,119 @@
+"""`resdx`: one sub-command per pipeline stage. Thin: parse, call the stage, print a summary."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="ResDx: reproducible CT/MRI diagnosis pipeline (ingest, train, evaluate, explain, register).\n\n"
+         "Stages read configs/params.yaml (override with --params); `dvc repro` runs them in order.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+PARAMS_OPT = typer.Option(Path("configs/params.yaml"), "--params", "-p", help="Params YAML (validated at load).")
+
+
+def _quiet_libraries() -> None:
+    # Readers warn on every private tag or experimental path; our reasons are specific already.
+    warnings.filterwarnings("ignore", module="nibabel")
+    warnings.filterwarnings("ignore", module="pydicom")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def _params(path: Path):
+    from pipeline.config import ConfigError, load_params
+
+    try:
+        return load_params(path)
+    except ConfigError as err:
+        console.print(f"[red]{err}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def synthesize(params: Path = PARAMS_OPT) -> None:
+    """Generate the demo cohort (DICOM CT series, NIfTI MRI, lesion masks) and its manifest."""
+    from pipeline.synthesize import synthesize as run
+
+    p = _params(params)
+    summary = run(p.synthesize, seed=p.seed)
+    console.print(f"[green]demo cohort written[/]: {summary}")
+
+
+@app.command()
+def ingest(
+    manifest: Path | None = typer.Option(None, "--manifest", "-m", help="Case table CSV (default: data.manifest)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: ingest.out_dir)."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help="Worker processes (default: ingest.workers)."),
+    params: Path = PARAMS_OPT,
+) -> None:
+    """Manifest -> normalized tensors, OUT/index.csv (ok/rejected + reason per row) and OUT/plan.json."""
+    from pipeline.ingest import IngestFailed, run_ingest
+    from pipeline.manifest import ManifestError
+
+    _quiet_libraries()
+    p = _params(params)
+    if workers:
+        p = p.model_copy(update={"ingest": p.ingest.model_copy(update={"workers": workers})})
+    try:
+        summary = run_ingest(p, manifest=manifest, out_dir=out, progress=sys.stderr.isatty())
+    except ManifestError as err:
+        console.print(f"[red]manifest error:[/] {err}")
+        raise typer.Exit(2) from None
+    except IngestFailed as err:
+        console.print(f"[red]ingest failed:[/] {err}")
+        raise typer.Exit(1) from None
+    _print_ingest(summary, out or p.ingest.out_dir)
+
+
+def _print_ingest(s, out: Path) -> None:
+    table = Table(title="ingest summary", show_header=False)
+    table.add_row("manifest rows", str(s.n_rows))
+    table.add_row("ok", f"[green]{s.n_ok}")
+    table.add_row("rejected", f"[red]{s.n_rejected}" if s.n_rejected else "0")
+    for code, n in sorted(s.reasons.items()):
+        table.add_row(f"  {code}", str(n))
+    table.add_row("by modality", ", ".join(f"{k}={v}" for k, v in sorted(s.by_modality.items())))
+    table.add_row("ok per split", ", ".join(f"{k}={v}" for k, v in sorted(s.splits.items())))
+    table.add_row("cache hits (read / tensors)", f"{s.n_cached} / {s.n_reused}")
+    table.add_row("time", f"{s.seconds:.1f} s")
+    table.add_row("outputs", f"{out}/index.csv, {out}/plan.json, {out}/tensors/")
+    console.print(table)
+    assert s.n_ok + s.n_rejected == s.n_rows
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="A DICOM series folder (or one DICOM file, e.g. a mosaic)."),
+    out: Path = typer.Argument(..., help="Output .nii or .nii.gz."),
+    series_uid: str | None = typer.Option(None, help="Pick this SeriesInstanceUID when SRC holds several."),
+) -> None:
+    """Convert one DICOM series to NIfTI in its native grid (no resampling), like dcm2niix."""
+    from pipeline.convert import convert as run
+    from pipeline.errors import RejectedCase
+
+    _quiet_libraries()
+    try:
+        vol = run(src, out, series_uid)
+    except RejectedCase as err:
+        console.print(f"[red]cannot convert:[/] {err.reason} [dim]({err.code})[/]")
+        raise typer.Exit(1) from None
+    sp = ", ".join(f"{s:.3g}" for s in vol.spacing)
+    console.print(f"[green]wrote[/] {out}: shape {vol.data.shape}, spacing ({sp}) mm")
+    for note in vol.meta.get("notes", []):
+        console.print(f"  note: {note}")
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    main()

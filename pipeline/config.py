@@ -1,0 +1,145 @@
+"""Typed configuration: `configs/params.yaml` validated by pydantic at load.
+
+Every section forbids unknown keys, so a typo (``ingest.spacng``) fails with an
+error that names the key instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("configs/params.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SynthesizeConfig(_Strict):
+    """Demo cohort generator (see `pipeline.synthesize`)."""
+
+    out_dir: Path = Path("data/demo")
+    manifest: Path = Path("data_manifests/demo.csv")
+    n_patients: int = Field(40, ge=1)
+    studies_per_patient: tuple[int, int] = (1, 3)
+    ct_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    lesion_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    compressed_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    lesion_radius_mm: tuple[float, float] = (9.0, 15.0)
+
+
+class MedMNISTConfig(_Strict):
+    flag: str = "pneumoniamnist"
+    root: Path = Path("data/medmnist")
+    size: Literal[28, 64, 128, 224] = 28
+    download: bool = False
+
+
+class DataConfig(_Strict):
+    """Where cases come from: a manifest of DICOM/NIfTI files, or MedMNIST .npz."""
+
+    source: Literal["manifest", "medmnist"] = "manifest"
+    manifest: Path = Path("data_manifests/demo.csv")
+    medmnist: MedMNISTConfig = MedMNISTConfig()
+
+
+class SplitConfig(_Strict):
+    """Patient-level split used when the manifest has no `split` column."""
+
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("split.val_fraction + split.test_fraction must be < 0.9")
+        return self
+
+
+class CTIntensity(_Strict):
+    """CT: clip to a HU window (fixed, or dataset percentiles), then a global z-score."""
+
+    window: tuple[float, float] | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    foreground_hu: float = -500.0
+
+    @field_validator("percentiles")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 100.0:
+            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+        return v
+
+
+class MRIntensity(_Strict):
+    """MRI: optional per-image percentile clipping, then a per-image z-score."""
+
+    clip_percentiles: tuple[float, float] | None = (0.5, 99.5)
+
+
+class IngestConfig(_Strict):
+    out_dir: Path = Path("data/ingested")
+    # Content-addressed cache of decoded, reoriented volumes (git-ignored, survives `dvc repro`).
+    cache_dir: Path = Path(".cache/ingest")
+    workers: int = Field(2, ge=1)
+    max_rejected_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    # Target voxel spacing in mm (x, y, z after reorientation to RAS); null = from the fingerprint.
+    spacing: tuple[float, float, float] | None = None
+    # Model input shape (x, y, z); the resampled volume is centre-cropped/padded to it.
+    shape: tuple[int, int, int] = (48, 48, 48)
+    fit: Literal["crop_pad", "resize"] = "crop_pad"
+    anisotropy_threshold: float = Field(3.0, gt=1.0)
+    mode: Literal["3d", "2d", "2.5d"] = "3d"
+    # For 2D/2.5D: number of axial slices kept per case (evenly spaced); 0 = all.
+    slices_per_case: int = Field(0, ge=0)
+    # Multi-volume series (fMRI, DWI): reject (null) or keep this 0-based volume.
+    take_volume: int | None = None
+    min_slices: int = Field(3, ge=1)
+    ct: CTIntensity = CTIntensity()
+    mr: MRIntensity = MRIntensity()
+
+
+class Params(_Strict):
+    seed: int = 42
+    data: DataConfig = DataConfig()
+    synthesize: SynthesizeConfig = SynthesizeConfig()
+    split: SplitConfig = SplitConfig()
+    ingest: IngestConfig = IngestConfig()
+
+
+class ConfigError(ValueError):
+    """A params file that does not validate; the message names each bad key."""
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (typo?)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def params_from_dict(raw: dict, source: str = "<dict>") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate a params YAML file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file not found: {path} (run from the repository root or pass --params)")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh)
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return params_from_dict(raw, str(path))

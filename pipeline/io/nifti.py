@@ -1,0 +1,88 @@
+"""NIfTI reading and writing via nibabel, honouring sform/qform as NIfTI specifies."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from pipeline.errors import RejectedCase
+from pipeline.io.volume import Volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path | str) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_nifti(path: Path | str) -> Volume:
+    """Load a NIfTI file; the affine is the sform when its code is set, else the qform.
+
+    (nibabel's `img.affine` applies exactly that precedence.) Voxels come back scaled by
+    scl_slope/scl_inter as float32.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RejectedCase("missing_path", f"path does not exist: {path}")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except PermissionError:
+        raise RejectedCase("unreadable_path", f"no permission to read: {path}") from None
+    except Exception as err:  # noqa: BLE001 - nibabel raises many types for broken files
+        raise RejectedCase("bad_nifti", f"cannot read NIfTI ({type(err).__name__}: {str(err)[:160]})") from None
+    header = img.header
+    sform_code = int(header["sform_code"]) if "sform_code" in header else 0
+    qform_code = int(header["qform_code"]) if "qform_code" in header else 0
+    if sform_code == 0 and qform_code == 0:
+        raise RejectedCase("no_geometry", "NIfTI has neither sform nor qform set; orientation unknown")
+    while data.ndim > 4 or (data.ndim == 4 and data.shape[3] == 1):
+        if data.shape[-1] != 1:
+            raise RejectedCase("bad_dimensions", f"NIfTI has shape {data.shape}; expected 3D or 4D")
+        data = data[..., 0]
+    if data.ndim < 3:
+        data = data.reshape(data.shape + (1,) * (3 - data.ndim))
+    meta = {"source_format": "nifti", "sform_code": sform_code, "qform_code": qform_code, "notes": []}
+    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), meta=meta)
+
+
+def atomic_save(img: nib.Nifti1Image, path: Path | str) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_nifti(volume: Volume, keep_integers: bool = True) -> nib.Nifti1Image:
+    """A NIfTI image with sform and qform both set from the volume's affine (codes 1, scanner).
+
+    Integer-valued data that fit int16 are stored as int16 (as dcm2niix does); others float32.
+    """
+    data = volume.data
+    if keep_integers and np.all(np.isfinite(data)) and np.array_equal(data, np.round(data)) \
+            and data.min(initial=0) >= -32768 and data.max(initial=0) <= 32767:
+        data = data.astype(np.int16)
+    else:
+        data = data.astype(np.float32)
+    img = nib.Nifti1Image(data, volume.affine)
+    img.set_sform(volume.affine, code=1)
+    img.set_qform(volume.affine, code=1)  # nibabel stores the nearest rigid part for sheared stacks
+    img.header.set_xyzt_units("mm", "sec")
+    return img
+
+
+def write_nifti(volume: Volume, path: Path | str) -> Path:
+    atomic_save(to_nifti(volume), path)
+    return Path(path)

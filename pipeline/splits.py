@@ -1,0 +1,33 @@
+"""Patient-level train/val/test split, stratified by label: no patient in two splits."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+
+def assign_splits(patients: list[str], labels: list[int], val_fraction: float, test_fraction: float,
+                  seed: int) -> list[str]:
+    """Return a split name per case. Cases of one patient always share a split.
+
+    Uses scikit-learn's StratifiedGroupKFold twice: once to carve off the test set, once to
+    carve the validation set out of the rest; fold counts follow the requested fractions.
+    """
+    n = len(patients)
+    out = np.array(["train"] * n, dtype=object)
+    if n == 0:
+        return []
+    groups = np.asarray(patients)
+    y = np.asarray(labels)
+    idx = np.arange(n)
+    for name, frac, pool_frac in (("test", test_fraction, 1.0), ("val", val_fraction, 1.0 - test_fraction)):
+        pool = idx[out == "train"]
+        n_groups = len(set(groups[pool]))
+        k = int(round(pool_frac / frac)) if frac > 0 else 0
+        k = min(k, n_groups)
+        if k < 2:
+            continue
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        _, held = next(splitter.split(pool, y[pool], groups[pool]))
+        out[pool[held]] = name
+    return [str(s) for s in out]
