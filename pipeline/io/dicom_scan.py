@@ -143,7 +143,7 @@ def _frames_single(path: Path, ds: Dataset) -> list[Frame]:
     iop = _floats(ds.get("ImageOrientationPatient"), 6)
     spacing = _floats(ds.get("PixelSpacing"), 2)
     if ipp is None or iop is None:
-        raise RejectedCase("no_geometry", "image without ImagePositionPatient/ImageOrientationPatient")
+        raise RejectedCase("no_geometry", "image without ImagePositionPatient or ImageOrientationPatient")
     if spacing is None:
         raise RejectedCase("no_spacing", "image without PixelSpacing; cannot establish voxel size")
     row, col = iop[:3], iop[3:]
@@ -203,6 +203,9 @@ def _frames_multiframe(path: Path, ds: Dataset) -> list[Frame]:
     shared = _fg(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     n = _int(ds.get("NumberOfFrames"), 1)
+    if not per_frame:
+        raise RejectedCase("legacy_multiframe", f"multi-frame object ({n} frames) without per-frame functional "
+                           "groups (e.g. ultrasound, NM or cine): no per-frame geometry to build a volume from")
     if len(per_frame) != n:
         raise RejectedCase("bad_multiframe", f"{n} frames but {len(per_frame)} per-frame functional groups")
     rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
@@ -218,7 +221,7 @@ def _frames_multiframe(path: Path, ds: Dataset) -> list[Frame]:
         iop = _floats(ori.get("ImageOrientationPatient"), 6) if ori else None
         spacing = _floats(meas.get("PixelSpacing"), 2) if meas else None
         if ipp is None or iop is None:
-            raise RejectedCase("no_geometry", f"multi-frame object: frame {i + 1} has no plane position/orientation")
+            raise RejectedCase("no_geometry", f"multi-frame object: frame {i + 1} has no plane position or orientation")
         if spacing is None:
             raise RejectedCase("no_spacing", f"multi-frame object: frame {i + 1} has no PixelSpacing")
         pvt = item("PixelValueTransformationSequence")
@@ -260,14 +263,14 @@ def scan(path: Path) -> ScanResult:
     """Describe every image frame under `path` (a folder or one file)."""
     path = Path(path)
     if not path.exists():
-        raise RejectedCase("missing_path", f"path does not exist: {path}")
+        raise RejectedCase("missing_path", "path does not exist")
     if not os.access(path, os.R_OK):
-        raise RejectedCase("unreadable_path", f"no permission to read: {path}")
+        raise RejectedCase("unreadable_path", "no permission to read the path")
     result = ScanResult()
     files = iter_candidate_files(path)
     result.n_files = len(files)
     if not files:
-        raise RejectedCase("empty", f"no files under {path}")
+        raise RejectedCase("empty", "no files in the folder")
     first_error: RejectedCase | None = None
     modalities: Counter = Counter()
     manufacturers: Counter = Counter()
@@ -302,7 +305,7 @@ def scan(path: Path) -> ScanResult:
     if not result.frames:
         if first_error is not None and len(result.skipped) == 1:
             raise first_error
-        raise RejectedCase("no_images", f"no usable DICOM image under {path} ({_describe_skips(result)})")
+        raise RejectedCase("no_images", f"no usable DICOM image ({_describe_skips(result)})")
     result.modality = modalities.most_common(1)[0][0]
     result.manufacturer = manufacturers.most_common(1)[0][0]
     return result

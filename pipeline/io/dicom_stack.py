@@ -202,7 +202,7 @@ def _sortable(key: tuple) -> tuple:
     return tuple((0, k) if isinstance(k, (int, float)) else (1, str(k)) for k in key)
 
 
-def _file_pixels(path) -> np.ndarray:
+def decode_pixels(path) -> np.ndarray:
     """Stored pixel values of a file as (frames, rows, cols), masked to BitsStored by pydicom."""
     ds = pydicom.dcmread(path)
     try:
@@ -229,7 +229,7 @@ def assemble(stack: Stack, geometry: StackGeometry, take_volume: int | None = No
     for (p, v), idx in np.ndenumerate(order):
         needed[frames[idx].file].append((p, v, frames[idx]))
     for path, items in needed.items():
-        pixels = _file_pixels(path)
+        pixels = decode_pixels(path)
         for p, v, f in items:
             if f.layout == "mosaic":
                 grid = f.tile_grid[1]

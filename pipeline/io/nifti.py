@@ -27,12 +27,12 @@ def read_nifti(path: Path | str) -> Volume:
     """
     path = Path(path)
     if not path.exists():
-        raise RejectedCase("missing_path", f"path does not exist: {path}")
+        raise RejectedCase("missing_path", "path does not exist")
     try:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
     except PermissionError:
-        raise RejectedCase("unreadable_path", f"no permission to read: {path}") from None
+        raise RejectedCase("unreadable_path", "no permission to read the path") from None
     except Exception as err:  # noqa: BLE001 - nibabel raises many types for broken files
         raise RejectedCase("bad_nifti", f"cannot read NIfTI ({type(err).__name__}: {str(err)[:160]})") from None
     header = img.header
