@@ -117,7 +117,8 @@ def test_changed_parameter_redoes_only_the_affected_pass(demo_cohort, tmp_path):
     changed = _params(tmp_path, shape=[40, 40, 40])
     s = run_ingest(changed, manifest=demo_cohort, progress=False)
     assert s.n_cached == s.n_rows and s.n_reused == 0
-    assert np.load(tmp_path / "out" / "tensors" / f"{_index(tmp_path / 'out')[0]['case_id']}.npy").shape[1:] == (40,) * 3
+    first = _index(tmp_path / "out")[0]
+    assert np.load(tmp_path / "out" / first["tensor"]).shape[1:] == (40, 40, 40)
 
 
 def test_changed_input_redoes_only_that_case(demo_cohort, tmp_path):
