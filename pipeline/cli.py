@@ -43,8 +43,14 @@ def synthesize(params: Path = PARAMS_OPT) -> None:
     from pipeline.synthesize import synthesize as run
 
     p = _params(params)
-    summary = run(p.synthesize, seed=p.seed)
-    console.print(f"[green]demo cohort written[/]: {summary}")
+    s = run(p.synthesize, seed=p.seed)
+    table = Table(title="synthesize summary", show_header=False)
+    table.add_row("patients / studies", f"{s.n_patients} / {s.n_studies}")
+    table.add_row("CT (DICOM) / MR (NIfTI)", f"{s.n_ct} / {s.n_mr}  ({s.n_compressed} CT series RLE-compressed)")
+    table.add_row("with lesion", str(s.n_positive))
+    table.add_row("files", f"{s.n_files} ({s.n_bytes / 2**20:.0f} MiB)")
+    table.add_row("outputs", f"{s.out_dir}/, manifest {s.manifest}")
+    console.print(table)
 
 
 @app.command()
