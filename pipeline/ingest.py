@@ -286,24 +286,24 @@ def run_ingest(params: Params, manifest: Path | str | None = None, out_dir: Path
     _fill_splits(rows, valid, params)
     tasks = [{"row": r, "cfg": cfg, "cache": cache} for r in rows]
     prepared = progress_map(_prepare, tasks, cfg.workers, "reading", progress)
-    row_by_id = {r.case_id: r for r in rows}
-    for p, r in zip(prepared, rows):
-        p["modality"], p["split"] = r.modality, _split_of(r)
+    for n, (p, r) in enumerate(zip(prepared, rows)):
+        # Rows are tracked by position: a duplicated case_id must not overwrite its first row.
+        p.update(row=n, modality=r.modality, split=r.split)
 
     ok = [p for p in prepared if p["status"] == "ok"]
     plan = fit_plan(ok, cache, params)
     phash = plan_hash(plan)
     tasks = [{"prep": p, "plan": plan, "plan_hash": phash, "out": out, "cache": cache} for p in ok]
-    finals = {f["case_id"]: f for f in progress_map(_finalize, tasks, cfg.workers, "preprocessing", progress)}
+    done = progress_map(_finalize, tasks, cfg.workers, "preprocessing", progress)
+    finals = {p["row"]: f for p, f in zip(ok, done)}
     _remove_stale(out, {p["case_id"] for p in ok})
 
     records = []
-    for p in prepared:
-        r = row_by_id[p["case_id"]]
-        f = finals.get(p["case_id"], {})
+    for p, r in zip(prepared, rows):
+        f = finals.get(p["row"], {})
         status = f.get("status", p["status"])
         records.append({
-            "case_id": r.case_id, "patient_id": r.patient_id, "split": p["split"],
+            "case_id": r.case_id, "patient_id": r.patient_id, "split": r.split,
             "label": "" if r.label is None else r.label, "modality": r.modality, "status": status,
             "reason_code": f.get("reason_code", p.get("reason_code", "")),
             "reason": f.get("reason", p.get("reason", "")),
@@ -333,10 +333,6 @@ def run_ingest(params: Params, manifest: Path | str | None = None, out_dir: Path
             f"{cfg.max_rejected_fraction}; see the reasons in {out / 'index.csv'} "
             "and fix the inputs or raise the limit")
     return summary
-
-
-def _split_of(row: CaseRow) -> str:
-    return row.split
 
 
 def _fill_splits(rows: list[CaseRow], valid: list[CaseRow], params: Params) -> None:

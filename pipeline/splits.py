@@ -27,7 +27,18 @@ def assign_splits(patients: list[str], labels: list[int], val_fraction: float, t
         k = min(k, n_groups)
         if k < 2:
             continue
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        _, held = next(splitter.split(pool, y[pool], groups[pool]))
+        try:
+            splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+            _, held = next(splitter.split(pool, y[pool], groups[pool]))
+        except ValueError:
+            held = _groups_fallback(groups[pool], 1.0 / k, seed)  # too few cases per class to stratify
         out[pool[held]] = name
     return [str(s) for s in out]
+
+
+def _groups_fallback(groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Unstratified: a seeded share of whole patients (at least one), for tiny cohorts."""
+    unique = sorted(set(groups.tolist()))
+    rng = np.random.default_rng(seed)
+    take = set(rng.permutation(unique)[: max(1, int(round(fraction * len(unique))))].tolist())
+    return np.array([i for i, g in enumerate(groups) if g in take], dtype=int)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.errors import RejectedCase
 from pipeline.io.dicom_scan import scan
 from pipeline.io.dicom_stack import choose_stack, group_stacks, stack_to_volume
 from pipeline.io.volume import Volume
@@ -24,6 +25,9 @@ def read_dicom_series(
     """
     found = scan(Path(path))
     stack = choose_stack(group_stacks(found.frames), series_uid=series_uid)
+    lost = sum(1 for uid, number in found.broken if uid == stack.series_uid and number == stack.series_number)
+    if lost:
+        raise RejectedCase("missing_pixel_data", f"{lost} image file(s) of the chosen series have no pixel data")
     vol = stack_to_volume(stack, min_slices=min_slices, take_volume=take_volume)
     vol.meta.update(
         source_format="dicom",

@@ -54,6 +54,7 @@ class ScanResult:
 
     frames: list[Frame] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    broken: list = field(default_factory=list)  # (series uid, series number) of images without pixels
     n_files: int = 0
     modality: str = ""
     manufacturer: str = ""
@@ -285,7 +286,11 @@ def scan(path: Path) -> ScanResult:
             result.skipped["DICOMDIR"] += 1
             continue
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            result.skipped["no pixel data (non-image object, e.g. SR)"] += 1
+            if "Rows" in ds and "Columns" in ds:  # an image object that lost its pixels
+                result.skipped["image without pixel data"] += 1
+                result.broken.append((str(ds.get("SeriesInstanceUID", "")), _int(ds.get("SeriesNumber"))))
+            else:
+                result.skipped["no pixel data (non-image object, e.g. SR)"] += 1
             continue
         if _int(ds.get("SamplesPerPixel"), 1) != 1:
             result.skipped["colour image (not a grey-scale scan)"] += 1

@@ -204,12 +204,17 @@ def _sortable(key: tuple) -> tuple:
 
 def decode_pixels(path) -> np.ndarray:
     """Stored pixel values of a file as (frames, rows, cols), masked to BitsStored by pydicom."""
-    ds = pydicom.dcmread(path)
     try:
+        ds = pydicom.dcmread(path)
         arr = ds.pixel_array
-    except Exception as err:  # noqa: BLE001 - decoder errors come in many types
+    except Exception as err:  # noqa: BLE001 - decoders and truncated files raise many types
+        text = str(err)
+        if isinstance(err, EOFError) or "less than expected" in text or "truncated" in text.lower():
+            raise RejectedCase("truncated", "a slice file is truncated: its pixel data is shorter than the "
+                               "header says (incomplete copy or transfer?)") from None
+        ts = getattr(locals().get("ds"), "file_meta", {}).get("TransferSyntaxUID", "?")
         raise RejectedCase("undecodable", f"pixel data cannot be decoded ({type(err).__name__}: "
-                           f"{str(err)[:160]}); transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}") from None
+                           f"{text[:160]}); transfer syntax {ts}") from None
     if arr.ndim == 2:
         arr = arr[None]
     return arr
