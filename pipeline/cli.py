@@ -96,6 +96,35 @@ def _print_ingest(s, out: Path) -> None:
 
 
 @app.command()
+def train(
+    ingest_dir: Path | None = typer.Option(None, "--data", help="Ingested folder (default: ingest.out_dir)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Model folder (default: train.out_dir)."),
+    params: Path = PARAMS_OPT,
+) -> None:
+    """Train the configured model (MONAI ResNet 2D/3D or plain_cnn); best checkpoint by val AUROC.
+
+    Runs on the GPU when there is one (bf16 autocast), else on the CPU (fp32, deterministic).
+    For several GPUs: torchrun --nproc_per_node N -m pipeline.cli train
+    """
+    from pipeline.train import run_train
+
+    _quiet_libraries()
+    p = _params(params)
+    s = run_train(p, ingest_dir=ingest_dir, out_dir=out, progress=sys.stderr.isatty())
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    table = Table(title="train summary", show_header=False)
+    table.add_row("model", f"{p.model.name} ({p.model.spatial_dims}D requested) on {s.device}")
+    table.add_row("cases train / val", f"{s.n_train} / {s.n_val}")
+    table.add_row("best val AUROC", f"{s.best_val_auroc:.4f} (epoch {s.best_epoch})")
+    table.add_row("epochs run", f"{s.epochs_run}{' (early stop)' if s.stopped_early else ''}")
+    table.add_row("time", f"{s.seconds:.1f} s")
+    table.add_row("MLflow run", f"{s.run_id} ({p.mlflow.tracking_uri})")
+    table.add_row("outputs", f"{out or p.train.out_dir}/model.safetensors, model.json, plan.json, history.csv")
+    console.print(table)
+
+
+@app.command()
 def convert(
     src: Path = typer.Argument(..., help="A DICOM series folder (or one DICOM file, e.g. a mosaic)."),
     out: Path = typer.Argument(..., help="Output .nii or .nii.gz."),

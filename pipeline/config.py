@@ -44,6 +44,8 @@ class DataConfig(_Strict):
 
     source: Literal["manifest", "medmnist"] = "manifest"
     manifest: Path = Path("data_manifests/demo.csv")
+    # Names of the label values 0..K-1 (manifest source); MedMNIST takes its own from INFO.
+    class_names: list[str] | None = None
     medmnist: MedMNISTConfig = MedMNISTConfig()
 
 
@@ -103,12 +105,69 @@ class IngestConfig(_Strict):
     mr: MRIntensity = MRIntensity()
 
 
+class ModelConfig(_Strict):
+    """MONAI ResNet (2D/3D) or the plain, non-residual CNN baseline."""
+
+    name: Literal["resnet10", "resnet18", "resnet34", "resnet50", "plain_cnn"] = "resnet18"
+    spatial_dims: Literal[2, 3] = 3
+    # MONAI's default stem stride is 1; 2 matches torchvision-style ResNets and is 4-8x cheaper in 3D.
+    conv1_t_stride: int = Field(2, ge=1)
+    conv1_t_size: int = Field(7, ge=1)
+    # 2D models on 3D tensors: this many axial slices per case, features max-pooled over slices.
+    slices_2d: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Local MedicalNet-format weights (3D ResNets); never downloaded at run time.
+    pretrained_path: Path | None = None
+
+
+class AugmentConfig(_Strict):
+    """MONAI random transforms, applied on the training device each step."""
+
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    affine_prob: float = Field(0.3, ge=0.0, le=1.0)
+    rotate_deg: float = Field(10.0, ge=0.0)
+    scale: float = Field(0.1, ge=0.0)
+    intensity_prob: float = Field(0.3, ge=0.0, le=1.0)
+    intensity_shift: float = Field(0.1, ge=0.0)
+    intensity_scale: float = Field(0.1, ge=0.0)
+
+
+class TrainConfig(_Strict):
+    out_dir: Path = Path("models")
+    # Resumable state (last epoch) lives outside DVC outputs, keyed by config and data.
+    state_dir: Path = Path(".cache/train")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "onecycle", "none"] = "cosine"
+    imbalance: Literal["weights", "sampler", "none"] = "weights"
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    patience: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # bf16 autocast on CUDA; CPU always trains in fp32
+    resume: bool = True
+    threads: int | None = Field(None, ge=1)
+    augment: AugmentConfig = AugmentConfig()
+
+
+class MLflowConfig(_Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None  # default: resdx-<data set name>
+    system_metrics: bool = True
+
+
 class Params(_Strict):
     seed: int = 42
     data: DataConfig = DataConfig()
     synthesize: SynthesizeConfig = SynthesizeConfig()
     split: SplitConfig = SplitConfig()
     ingest: IngestConfig = IngestConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    mlflow: MLflowConfig = MLflowConfig()
 
 
 class ConfigError(ValueError):

@@ -288,7 +288,7 @@ def run_ingest(params: Params, manifest: Path | str | None = None, out_dir: Path
     prepared = progress_map(_prepare, tasks, cfg.workers, "reading", progress)
     for n, (p, r) in enumerate(zip(prepared, rows)):
         # Rows are tracked by position: a duplicated case_id must not overwrite its first row.
-        p.update(row=n, modality=r.modality, split=r.split)
+        p.update(row=n, modality=r.modality, split=r.split, label=r.label)
 
     ok = [p for p in prepared if p["status"] == "ok"]
     plan = fit_plan(ok, cache, params)

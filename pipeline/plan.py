@@ -64,6 +64,12 @@ def fit_plan(prepared_ok: list[dict], cache: Path, params: Params) -> dict:
                list(cfg.mr.clip_percentiles) if cfg.mr.clip_percentiles else None},
     }
     plan["ct"] = _fit_ct(train, cache, params)
+    labels = sorted({int(p["label"]) for p in prepared_ok if p.get("label") is not None})
+    n_classes = max(2, (labels[-1] + 1) if labels else 2)
+    names = params.data.class_names or [str(i) for i in range(n_classes)]
+    if len(names) < n_classes:
+        raise ValueError(f"data.class_names has {len(names)} names but labels go up to {n_classes - 1}")
+    plan.update(source="manifest", n_classes=n_classes, class_names=list(names[:n_classes]))
     return plan
 
 

@@ -1,0 +1,135 @@
+"""Model factory: MONAI ResNets (2D/3D) and the plain, non-residual CNN baseline.
+
+A checkpoint stores `ModelSpec` (JSON) beside its safetensors weights, so `build_model`
+rebuilds the exact network without the training code's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESNET_LAYERS = {
+    "resnet10": ("basic", [1, 1, 1, 1]),
+    "resnet18": ("basic", [2, 2, 2, 2]),
+    "resnet34": ("basic", [3, 4, 6, 3]),
+    "resnet50": ("bottleneck", [3, 4, 6, 3]),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a network: architecture and the data it expects."""
+
+    name: str
+    spatial_dims: int  # of the network (2 or 3)
+    in_channels: int
+    n_classes: int
+    input_ndim: int  # spatial dims of the input tensors (3 for volumes; a 2D net on volumes uses slices)
+    conv1_t_stride: int = 2
+    conv1_t_size: int = 7
+    slices_2d: int = 16
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PlainCNN(nn.Module):
+    """The write-up's non-residual baseline (the Keras CIFAR-10 CNN): conv32-conv32-maxpool,
+    conv64-conv64-maxpool, dense 512, softmax (here: logits; the loss applies softmax).
+
+    An adaptive average pool to 4 per axis before the dense layer keeps it input-size-agnostic
+    (a plain flatten of a 48^3 volume would need a 56M-parameter dense layer).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, n_classes: int, dropout: float = 0.25):
+        super().__init__()
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        pool = nn.MaxPool3d if spatial_dims == 3 else nn.MaxPool2d
+        adaptive = nn.AdaptiveAvgPool3d if spatial_dims == 3 else nn.AdaptiveAvgPool2d
+        drop = dropout or 0.25
+        self.features = nn.Sequential(
+            conv(in_channels, 32, 3, padding=1), nn.ReLU(), conv(32, 32, 3), nn.ReLU(), pool(2), nn.Dropout(drop),
+            conv(32, 64, 3, padding=1), nn.ReLU(), conv(64, 64, 3), nn.ReLU(), pool(2), nn.Dropout(drop),
+        )
+        self.pool = adaptive(4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4**spatial_dims, 512), nn.ReLU(), nn.Dropout(0.5),
+                                  nn.Linear(512, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))
+
+
+class SliceMIL(nn.Module):
+    """A 2D backbone applied to axial slices of a volume; slice features max-pooled per case.
+
+    Input (B, C, X, Y, Z): `n_slices` evenly spaced k-slices are classified as a bag, so a
+    lesion visible on a few slices drives the case's prediction (multiple-instance learning).
+    """
+
+    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int, n_slices: int, dropout: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.n_slices = n_slices
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_features, n_classes))
+
+    def slice_index(self, depth: int) -> torch.Tensor:
+        n = min(self.n_slices, depth)
+        return torch.linspace(0, depth - 1, n).round().long()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        idx = self.slice_index(x.shape[-1]).to(x.device)
+        slices = x.index_select(-1, idx).permute(0, 4, 1, 2, 3).reshape(b * len(idx), c, *x.shape[2:4])
+        feats = self.backbone(slices).reshape(b, len(idx), -1)
+        return self.head(feats.max(dim=1).values)
+
+
+def _resnet(spec: ModelSpec, feed_forward: bool) -> nn.Module:
+    from monai.networks.nets import ResNet
+
+    block, layers = RESNET_LAYERS[spec.name]
+    return ResNet(
+        block=block, layers=layers, block_inplanes=[64, 128, 256, 512], spatial_dims=spec.spatial_dims,
+        n_input_channels=spec.in_channels, num_classes=spec.n_classes, conv1_t_stride=spec.conv1_t_stride,
+        conv1_t_size=spec.conv1_t_size, feed_forward=feed_forward, shortcut_type="B",
+    )
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build an untrained network from its spec."""
+    if spec.name == "plain_cnn":
+        if spec.spatial_dims == 2 and spec.input_ndim == 3:
+            backbone = PlainCNN(2, spec.in_channels, spec.n_classes, spec.dropout)
+            backbone.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 16, 512), nn.ReLU())
+            return SliceMIL(backbone, 512, spec.n_classes, spec.slices_2d, 0.5)
+        return PlainCNN(spec.spatial_dims, spec.in_channels, spec.n_classes, spec.dropout)
+    if spec.name not in RESNET_LAYERS:
+        raise ValueError(f"unknown model {spec.name!r}; choose one of {sorted(RESNET_LAYERS) + ['plain_cnn']}")
+    if spec.spatial_dims == 2 and spec.input_ndim == 3:
+        n_features = 2048 if RESNET_LAYERS[spec.name][0] == "bottleneck" else 512
+        return SliceMIL(_resnet(spec, feed_forward=False), n_features, spec.n_classes, spec.slices_2d, spec.dropout)
+    if spec.spatial_dims != spec.input_ndim:
+        raise ValueError(f"a {spec.spatial_dims}D network cannot take {spec.input_ndim}D inputs")
+    return _resnet(spec, feed_forward=True)
+
+
+def load_medicalnet(model: nn.Module, path: Path | str) -> list[str]:
+    """Initialise a 3D ResNet from local MedicalNet weights (`state_dict` key, `module.` prefixes).
+
+    The classification head (`fc`) is left as initialised: MedicalNet has none. Loaded with
+    `weights_only=True` (no unpickling of code). Returns the keys left at initialisation.
+    """
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"{path}: no parameter matches this network; is it a MedicalNet ResNet of the same depth?")
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))

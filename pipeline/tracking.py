@@ -1,0 +1,63 @@
+"""MLflow and provenance helpers: one place that knows run ids, tags and the data hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def git_commit(cwd: Path | str = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_hash(ingest_dir: Path) -> str:
+    """The DVC md5 of the ingested tensors when dvc.lock records it; else a hash of index + plan."""
+    lock = Path("dvc.lock")
+    if lock.exists():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for out in stages.get("ingest", {}).get("outs", []):
+            if Path(out.get("path", "")) == Path(ingest_dir) / "tensors" and out.get("md5"):
+                return str(out["md5"])
+    h = hashlib.md5()
+    for name in ("index.csv", "plan.json"):
+        p = Path(ingest_dir) / name
+        if p.exists():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def experiment_name(params) -> str:
+    if params.mlflow.experiment:
+        return params.mlflow.experiment
+    if params.data.source == "medmnist":
+        return f"resdx-medmnist-{params.data.medmnist.flag}"
+    return f"resdx-{Path(params.data.manifest).stem}"
+
+
+def start_run(params, run_id: str | None, run_name: str):
+    """Start (or resume) the MLflow run of this training."""
+    import mlflow
+
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    mlflow.set_experiment(experiment_name(params))
+    return mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                            log_system_metrics=params.mlflow.system_metrics)
