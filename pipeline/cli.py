@@ -60,7 +60,11 @@ def ingest(
     workers: int | None = typer.Option(None, "--workers", "-j", help="Worker processes (default: ingest.workers)."),
     params: Path = PARAMS_OPT,
 ) -> None:
-    """Manifest -> normalized tensors, OUT/index.csv (ok/rejected + reason per row) and OUT/plan.json."""
+    """Manifest -> normalized tensors, OUT/index.csv (ok/rejected + reason per row) and OUT/plan.json.
+
+    With data.source=medmnist, reads the MedMNIST .npz named by data.medmnist.* instead
+    (official splits kept) and writes the same outputs.
+    """
     from pipeline.ingest import IngestFailed, run_ingest
     from pipeline.manifest import ManifestError
 
@@ -69,7 +73,12 @@ def ingest(
     if workers:
         p = p.model_copy(update={"ingest": p.ingest.model_copy(update={"workers": workers})})
     try:
-        summary = run_ingest(p, manifest=manifest, out_dir=out, progress=sys.stderr.isatty())
+        if p.data.source == "medmnist":
+            from pipeline.medmnist_source import run_medmnist
+
+            summary = run_medmnist(p, out_dir=out, progress=sys.stderr.isatty())
+        else:
+            summary = run_ingest(p, manifest=manifest, out_dir=out, progress=sys.stderr.isatty())
     except ManifestError as err:
         console.print(f"[red]manifest error:[/] {err}")
         raise typer.Exit(2) from None

@@ -30,6 +30,9 @@ class SynthesizeConfig(_Strict):
     lesion_fraction: float = Field(0.5, ge=0.0, le=1.0)
     compressed_fraction: float = Field(0.3, ge=0.0, le=1.0)
     lesion_radius_mm: tuple[float, float] = (9.0, 15.0)
+    # Lesion contrast ranges: CT in HU above soft tissue; MR as a relative signal gain.
+    lesion_contrast_hu: tuple[float, float] = (40.0, 120.0)
+    lesion_gain_mr: tuple[float, float] = (0.3, 1.0)
 
 
 class MedMNISTConfig(_Strict):

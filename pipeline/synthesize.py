@@ -362,6 +362,7 @@ class CasePlan:
     modality: str
     label: int
     lesion_radius: float
+    lesion_contrast: float  # CT: HU above soft tissue; MR: relative signal gain
     compressed: bool
     localizer: bool
     phi: PatientPHI
@@ -411,6 +412,7 @@ def plan_cohort(cfg: SynthesizeConfig, seed: int) -> list[CasePlan]:
     labels[: int(round(cfg.lesion_fraction * n))] = 1
     labels = rng.permutation(labels)
     radii = rng.uniform(*cfg.lesion_radius_mm, n)
+    unit = rng.uniform(0.0, 1.0, n)  # contrast within each modality's configured range
     ct_idx = [i for i, r in enumerate(rows) if r[2] == "CT"]
     # Drawn whatever the fraction, so changing compressed_fraction leaves every pixel unchanged.
     order = rng.permutation(len(ct_idx))
@@ -424,6 +426,8 @@ def plan_cohort(cfg: SynthesizeConfig, seed: int) -> list[CasePlan]:
             index=i, case_id=f"demo-c{i + 1:04d}", patient_id=f"demo-p{p + 1:0{width}d}",
             patient_key=f"p{p + 1:0{width}d}", study_key=f"s{s + 1:02d}", modality=mod, label=int(labels[i]),
             lesion_radius=round(float(radii[i]), 2), compressed=i in compressed, localizer=i in localizer,
+            lesion_contrast=float(np.interp(unit[i], [0, 1], cfg.lesion_contrast_hu if mod == "CT"
+                                            else cfg.lesion_gain_mr)),
             phi=phi,
         )
         for i, (p, s, mod, phi) in enumerate(rows)
@@ -549,7 +553,7 @@ def _dicom_name(sop_uid: str, with_ext: bool) -> str:
 def _write_ct(plan: CasePlan, ph: Phantom, seed: int, rng: np.random.Generator, study_dir: Path) -> dict:
     geo = make_ct_geometry(rng)
     encoding = CT_ENCODINGS[int(rng.integers(len(CT_ENCODINGS)))]
-    lesion_hu = float(rng.uniform(40.0, 120.0))
+    lesion_hu = plan.lesion_contrast
     hu = ct_hu_volume(ph, geo, rng, lesion_hu, noise_hu=float(rng.uniform(10.0, 20.0)))
     stored = hu_to_stored(hu, *encoding)
     base = _ct_series_dataset(plan, seed, rng)
@@ -614,7 +618,7 @@ def _write_localizer(plan: CasePlan, ph: Phantom, seed: int, rng: np.random.Gene
 
 def _write_mr(plan: CasePlan, ph: Phantom, rng: np.random.Generator, study_dir: Path) -> dict:
     geo = make_mr_geometry(rng)
-    lesion_gain = float(rng.uniform(0.3, 1.0))
+    lesion_gain = plan.lesion_contrast
     scale = float(10 ** rng.uniform(1.0, np.log10(3000.0)))
     signal = mr_volume(ph, geo, rng, lesion_gain) * scale
     as_int = bool(rng.random() < 0.5)

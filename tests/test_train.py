@@ -1,0 +1,145 @@
+"""Train stage: models, determinism, resume, DDP (gloo, 2 processes), checkpoints, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import params_from_dict
+from pipeline.ingest import run_ingest
+from pipeline.models import ModelSpec, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _raw(tmp: Path, ingest_dir: Path, **train) -> dict:
+    t = {"out_dir": str(tmp / "models"), "state_dir": str(tmp / "state"), "epochs": 2, "batch_size": 4,
+         "patience": 5, "threads": 1, "device": "cpu"}
+    t.update(train)
+    return {"seed": 5, "ingest": {"out_dir": str(ingest_dir)}, "model": {"name": "resnet10"}, "train": t,
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "system_metrics": False}}
+
+
+@pytest.fixture(scope="module")
+def tiny_ingested(demo_cohort, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("tiny")
+    params = params_from_dict({"seed": 3, "ingest": {"out_dir": str(tmp / "ing"), "cache_dir": str(tmp / "cache"),
+                                                      "spacing": [10.0, 10.0, 10.0], "shape": [24, 24, 24],
+                                                      "workers": 1}})
+    run_ingest(params, manifest=demo_cohort, progress=False)
+    return tmp / "ing"
+
+
+@pytest.mark.parametrize("name", ["resnet10", "resnet18", "resnet34", "resnet50", "plain_cnn"])
+@pytest.mark.parametrize("dims,input_ndim", [(3, 3), (2, 3), (2, 2)])
+def test_every_model_builds_for_2d_and_3d(name, dims, input_ndim):
+    spec = ModelSpec(name=name, spatial_dims=dims, in_channels=1, n_classes=3, input_ndim=input_ndim)
+    model = build_model(spec).eval()
+    x = torch.zeros((2, 1) + (32,) * input_ndim)
+    assert model(x).shape == (2, 3)
+
+
+def test_resnets_default_to_a_stride_2_stem():
+    model = build_model(ModelSpec("resnet18", 3, 1, 2, 3))
+    assert model.conv1.stride == (2, 2, 2)
+
+
+def test_plain_cnn_has_no_residual_connections():
+    model = build_model(ModelSpec("plain_cnn", 2, 1, 2, 2))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears[0].out_features == 512
+
+
+def test_training_is_deterministic_on_cpu_and_writes_the_contract(tiny_ingested, tmp_path):
+    from pipeline.train import run_train
+
+    a = run_train(params_from_dict(_raw(tmp_path / "a", tiny_ingested)), progress=False)
+    b = run_train(params_from_dict(_raw(tmp_path / "b", tiny_ingested)), progress=False)
+    wa, wb = load_file(str(tmp_path / "a/models/model.safetensors")), load_file(str(tmp_path / "b/models/model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [h["val_auroc"] for h in a.history] == [h["val_auroc"] for h in b.history]
+    _assert_contract(tmp_path / "a" / "models", epochs=2)
+
+
+def _assert_contract(models: Path, epochs: int) -> None:
+    for name in ("model.safetensors", "model.json", "plan.json", "train_metrics.json", "history.csv",
+                 "mlflow_run.json"):
+        assert (models / name).exists(), name
+    model, info = load_checkpoint(models)
+    assert info["spec"]["name"] == "resnet10" and info["class_names"]
+    assert json.loads((models / "train_metrics.json").read_text())["epochs_run"] == epochs
+    assert len((models / "history.csv").read_text().splitlines()) == epochs + 1
+    x = torch.zeros((1, 1, 24, 24, 24))
+    assert model(x).shape == (1, 2)
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_ingested, tmp_path, monkeypatch):
+    from pipeline import train as train_mod
+
+    full = tmp_path / "full"
+    train_mod.run_train(params_from_dict(_raw(full, tiny_ingested, epochs=3)), progress=False)
+    part = tmp_path / "part"
+    real_save = train_mod._save_state
+
+    def save_then_die(state, model, opt, sched, progress):
+        real_save(state, model, opt, sched, progress)
+        if progress["epoch"] == 1:
+            raise KeyboardInterrupt  # the kill, right after epoch 1's state is on disk
+
+    monkeypatch.setattr(train_mod, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run_train(params_from_dict(_raw(part, tiny_ingested, epochs=3)), progress=False)
+    import mlflow
+
+    mlflow.end_run()
+    monkeypatch.setattr(train_mod, "_save_state", real_save)
+    resumed = train_mod.run_train(params_from_dict(_raw(part, tiny_ingested, epochs=3)), progress=False)
+    assert len(resumed.history) == 3
+    wa = load_file(str(full / "models/model.safetensors"))
+    wb = load_file(str(part / "models/model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_mlflow_run_has_params_metrics_tags_and_plan(tiny_ingested, tmp_path):
+    import mlflow
+
+    from pipeline.train import run_train
+
+    s = run_train(params_from_dict(_raw(tmp_path, tiny_ingested)), progress=False)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(s.run_id)
+    assert run.data.params["model.name"] == "resnet10" and run.data.params["train.batch_size"] == "4"
+    assert {"git_commit", "dvc_data_hash", "device"} <= set(run.data.tags)
+    assert len(client.get_metric_history(s.run_id, "val_auroc")) == 2
+    assert "plan.json" in [a.path for a in client.list_artifacts(s.run_id)]
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "resdx-demo"
+
+
+def test_ddp_with_two_gloo_processes_matches_the_single_process_contract(tiny_ingested, tmp_path):
+    raw = _raw(tmp_path, tiny_ingested)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "pipeline.cli", "train", "--params", str(tmp_path / "p.yaml")]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _assert_contract(tmp_path / "models", epochs=2)
+    info = json.loads((tmp_path / "models" / "model.json").read_text())
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(info["mlflow_run_id"])
+    assert run.data.tags["world_size"] == "2"
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # rank 0 alone logged
