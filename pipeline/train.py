@@ -72,7 +72,8 @@ def model_spec(params: Params, train: CaseSet, plan: dict) -> ModelSpec:
     spatial = params.model.spatial_dims if input_ndim == 3 else 2  # 2D images always take a 2D network
     n_classes = int(plan.get("n_classes") or (int(train.labels.max()) + 1))
     return ModelSpec(
-        name=params.model.name, spatial_dims=spatial, in_channels=int(train.images.shape[1]), n_classes=max(2, n_classes),
+        name=params.model.name, spatial_dims=spatial, in_channels=int(train.images.shape[1]),
+        n_classes=max(2, n_classes),
         input_ndim=input_ndim, conv1_t_stride=params.model.conv1_t_stride, conv1_t_size=params.model.conv1_t_size,
         slices_2d=params.model.slices_2d, dropout=params.model.dropout,
     )

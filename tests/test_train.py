@@ -66,7 +66,8 @@ def test_training_is_deterministic_on_cpu_and_writes_the_contract(tiny_ingested,
 
     a = run_train(params_from_dict(_raw(tmp_path / "a", tiny_ingested)), progress=False)
     b = run_train(params_from_dict(_raw(tmp_path / "b", tiny_ingested)), progress=False)
-    wa, wb = load_file(str(tmp_path / "a/models/model.safetensors")), load_file(str(tmp_path / "b/models/model.safetensors"))
+    wa = load_file(str(tmp_path / "a/models/model.safetensors"))
+    wb = load_file(str(tmp_path / "b/models/model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [h["val_auroc"] for h in a.history] == [h["val_auroc"] for h in b.history]
     _assert_contract(tmp_path / "a" / "models", epochs=2)
