@@ -134,6 +134,28 @@ def train(
 
 
 @app.command()
+def evaluate(params: Path = PARAMS_OPT) -> None:
+    """AUROC with 95% CIs (bootstrap, DeLong), operating point from val, calibration before/after
+    temperature scaling, subgroups; writes reports/metrics.json, predictions.csv, plots, figures."""
+    from pipeline.evaluate import run_evaluate
+
+    _quiet_libraries()
+    p = _params(params)
+    r = run_evaluate(p)
+    table = Table(title="evaluate summary")
+    for col in ("split", "n", "AUROC [95% CI]", "accuracy", "ECE before/after", "Brier"):
+        table.add_column(col)
+    for s in ("val", "test"):
+        m = r[s]
+        ci = m.get("auroc_ci95") or [None, None]
+        table.add_row(s, str(m["n"]), f"{m.get('auroc')} [{ci[0]}, {ci[1]}]", str(m.get("accuracy")),
+                      f"{m['ece']} / {m['ece_calibrated']}", str(m["brier_calibrated"]))
+    console.print(table)
+    console.print(f"temperature {r['calibration']['temperature']}, threshold {r['calibration']['threshold']} "
+                  f"({r['calibration']['operating_point']}, fitted on val); outputs in {p.evaluate.out_dir}/")
+
+
+@app.command()
 def convert(
     src: Path = typer.Argument(..., help="A DICOM series folder (or one DICOM file, e.g. a mosaic)."),
     out: Path = typer.Argument(..., help="Output .nii or .nii.gz."),

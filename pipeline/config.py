@@ -156,6 +156,15 @@ class TrainConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
 
 
+class EvaluateConfig(_Strict):
+    out_dir: Path = Path("reports")
+    # The decision threshold is fixed on validation, then applied unchanged to test.
+    operating_point: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float = Field(0.9, gt=0.0, le=1.0)
+    n_bootstrap: int = Field(1000, ge=100)
+    min_subgroup_cases: int = Field(10, ge=2)
+
+
 class MLflowConfig(_Strict):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None  # default: resdx-<data set name>
@@ -170,6 +179,7 @@ class Params(_Strict):
     ingest: IngestConfig = IngestConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     mlflow: MLflowConfig = MLflowConfig()
 
 

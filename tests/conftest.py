@@ -39,3 +39,27 @@ def demo_cohort(tmp_path_factory) -> Path:
     cfg = SynthesizeConfig(out_dir=root / "data", manifest=root / "manifests" / "demo.csv", n_patients=8)
     synthesize(cfg, seed=7)
     return cfg.manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_ingested(demo_cohort, tmp_path_factory) -> Path:
+    """The demo cohort ingested at 24^3 (10 mm voxels): small enough to train in seconds."""
+    from pipeline.config import params_from_dict
+    from pipeline.ingest import run_ingest
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    params = params_from_dict({"seed": 3, "ingest": {"out_dir": str(tmp / "ing"), "cache_dir": str(tmp / "cache"),
+                                                      "spacing": [10.0, 10.0, 10.0], "shape": [24, 24, 24],
+                                                      "workers": 1}})
+    run_ingest(params, manifest=demo_cohort, progress=False)
+    return tmp / "ing"
+
+
+def tiny_params(tmp: Path, ingest_dir: Path, **train) -> dict:
+    """Raw params for fast CPU training runs in tests (resnet10, 2 epochs, local MLflow store)."""
+    t = {"out_dir": str(tmp / "models"), "state_dir": str(tmp / "state"), "epochs": 2, "batch_size": 4,
+         "patience": 5, "threads": 1, "device": "cpu"}
+    t.update(train)
+    return {"seed": 5, "ingest": {"out_dir": str(ingest_dir)}, "model": {"name": "resnet10"}, "train": t,
+            "evaluate": {"out_dir": str(tmp / "reports"), "n_bootstrap": 200},
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "system_metrics": False}}

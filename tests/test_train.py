@@ -15,28 +15,15 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import params_from_dict
-from pipeline.ingest import run_ingest
 from pipeline.models import ModelSpec, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _raw(tmp: Path, ingest_dir: Path, **train) -> dict:
-    t = {"out_dir": str(tmp / "models"), "state_dir": str(tmp / "state"), "epochs": 2, "batch_size": 4,
-         "patience": 5, "threads": 1, "device": "cpu"}
-    t.update(train)
-    return {"seed": 5, "ingest": {"out_dir": str(ingest_dir)}, "model": {"name": "resnet10"}, "train": t,
-            "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "system_metrics": False}}
+    from conftest import tiny_params
 
-
-@pytest.fixture(scope="module")
-def tiny_ingested(demo_cohort, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("tiny")
-    params = params_from_dict({"seed": 3, "ingest": {"out_dir": str(tmp / "ing"), "cache_dir": str(tmp / "cache"),
-                                                      "spacing": [10.0, 10.0, 10.0], "shape": [24, 24, 24],
-                                                      "workers": 1}})
-    run_ingest(params, manifest=demo_cohort, progress=False)
-    return tmp / "ing"
+    return tiny_params(tmp, ingest_dir, **train)
 
 
 @pytest.mark.parametrize("name", ["resnet10", "resnet18", "resnet34", "resnet50", "plain_cnn"])
