@@ -165,6 +165,27 @@ class EvaluateConfig(_Strict):
     min_subgroup_cases: int = Field(10, ge=2)
 
 
+class ExplainConfig(_Strict):
+    out_dir: Path = Path("reports/explain")
+    method: Literal["gradcam", "gradcampp"] = "gradcam"
+    target_layer: str = "layer4"  # module name in the network (the last residual stage)
+    # Explain the predicted class (null) or always this class index.
+    class_index: int | None = None
+    splits: list[str] = ["test"]
+    max_cases: int = Field(200, ge=1)
+    write_dicom: bool = True
+    batch_size: int = Field(4, ge=1)
+
+
+class RegisterConfig(_Strict):
+    model_name: str = "resdx-demo"
+    # Promotion gate: lower 95% bound of test AUROC and calibrated ECE must pass, and the
+    # candidate must not be worse than the current champion on the same test set.
+    min_auroc_ci_low: float = Field(0.8, ge=0.0, le=1.0)
+    max_ece_calibrated: float = Field(0.15, ge=0.0, le=1.0)
+    champion_tolerance: float = Field(0.0, ge=0.0, le=1.0)
+
+
 class MLflowConfig(_Strict):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None  # default: resdx-<data set name>
@@ -180,6 +201,8 @@ class Params(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    explain: ExplainConfig = ExplainConfig()
+    register: RegisterConfig = RegisterConfig()
     mlflow: MLflowConfig = MLflowConfig()
 
 
