@@ -46,6 +46,7 @@ class Frame:
     series_number: int = 0
     localizer: bool = False
     tile_grid: tuple[int, int] = (1, 1)  # mosaic grid (tiles per row, per column)
+    dataset: Dataset | None = field(default=None, repr=False)  # the parsed header, pixel data deferred
 
 
 @dataclass
@@ -300,6 +301,8 @@ def scan(path: Path) -> ScanResult:
                 frames = _frames_multiframe(f, ds)
             else:
                 frames = _frames_single(f, ds)
+            for fr in frames:
+                fr.dataset = ds  # shared per file: pixels are read from it later, no second parse
         except RejectedCase as err:
             result.skipped[err.reason] += 1
             first_error = first_error or err

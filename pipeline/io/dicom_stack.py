@@ -202,17 +202,57 @@ def _sortable(key: tuple) -> tuple:
     return tuple((0, k) if isinstance(k, (int, float)) else (1, str(k)) for k in key)
 
 
-def decode_pixels(path) -> np.ndarray:
-    """Stored pixel values of a file as (frames, rows, cols), masked to BitsStored by pydicom."""
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+def _native_pixels(ds) -> np.ndarray | None:
+    """Fast path for uncompressed little-endian grey-scale data: np.frombuffer, masked to BitsStored.
+
+    pydicom's `pixel_array` does the same masking and sign extension; this avoids its
+    per-call overhead on the common case. Anything else returns None (use pydicom).
+    """
+    ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
+    bits, stored = int(ds.get("BitsAllocated", 0)), int(ds.get("BitsStored", 0) or 0)
+    if ts not in _NATIVE_LE or bits not in (8, 16) or int(ds.get("SamplesPerPixel", 1)) != 1:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    rows, cols, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1)
+    raw = ds.PixelData
+    need = rows * cols * frames * dtype.itemsize
+    if len(raw) < need:
+        raise RejectedCase("truncated", "a slice file is truncated: its pixel data is shorter than the "
+                           "header says (incomplete copy or transfer?)")
+    arr = np.frombuffer(raw, dtype=dtype, count=rows * cols * frames).reshape(frames, rows, cols)
+    if 0 < stored < bits:
+        unsigned = arr.view(dtype.newbyteorder("=").str.replace("i", "u")) & ((1 << stored) - 1)
+        if signed:  # sign bit is HighBit = BitsStored - 1, not the top bit of the word
+            sign = 1 << (stored - 1)
+            arr = (unsigned.astype(np.int32) ^ sign) - sign
+        else:
+            arr = unsigned
+    return arr
+
+
+def decode_pixels(path, ds=None) -> np.ndarray:
+    """Stored pixel values of a file as (frames, rows, cols), masked to BitsStored.
+
+    `ds` is the already parsed header with deferred pixel data (read once here).
+    """
     try:
-        ds = pydicom.dcmread(path)
-        arr = ds.pixel_array
+        if ds is None:
+            ds = pydicom.dcmread(path)
+        arr = _native_pixels(ds)
+        if arr is None:
+            arr = ds.pixel_array
+    except RejectedCase:
+        raise
     except Exception as err:  # noqa: BLE001 - decoders and truncated files raise many types
         text = str(err)
         if isinstance(err, EOFError) or "less than expected" in text or "truncated" in text.lower():
             raise RejectedCase("truncated", "a slice file is truncated: its pixel data is shorter than the "
                                "header says (incomplete copy or transfer?)") from None
-        ts = getattr(locals().get("ds"), "file_meta", {}).get("TransferSyntaxUID", "?")
+        ts = getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "?") if ds is not None else "?"
         raise RejectedCase("undecodable", f"pixel data cannot be decoded ({type(err).__name__}: "
                            f"{text[:160]}); transfer syntax {ts}") from None
     if arr.ndim == 2:
@@ -221,7 +261,11 @@ def decode_pixels(path) -> np.ndarray:
 
 
 def assemble(stack: Stack, geometry: StackGeometry, take_volume: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Decode, rescale and place every slice: returns (data (i, j, k[, t]) float32, affine RAS)."""
+    """Decode, rescale and place every slice: returns (data (i, j, k[, t]) float32, affine RAS).
+
+    Slices are written into a C-ordered (t, k, rows, cols) buffer (contiguous writes) and
+    returned as its transposed view (i, j, k, t), which is Fortran-ordered: what NIfTI stores.
+    """
     order = geometry.order
     if take_volume is not None:
         if not 0 <= take_volume < order.shape[1]:
@@ -229,12 +273,12 @@ def assemble(stack: Stack, geometry: StackGeometry, take_volume: int | None = No
         order = order[:, [take_volume]]
     frames = stack.frames
     first = frames[order[0, 0]]
-    out = np.empty((first.cols, first.rows, order.shape[0], order.shape[1]), dtype=np.float32)
+    buf = np.empty((order.shape[1], order.shape[0], first.rows, first.cols), dtype=np.float32)
     needed: dict = defaultdict(list)
     for (p, v), idx in np.ndenumerate(order):
         needed[frames[idx].file].append((p, v, frames[idx]))
     for path, items in needed.items():
-        pixels = decode_pixels(path)
+        pixels = decode_pixels(path, items[0][2].dataset)
         for p, v, f in items:
             if f.layout == "mosaic":
                 grid = f.tile_grid[1]
@@ -246,8 +290,12 @@ def assemble(stack: Stack, geometry: StackGeometry, take_volume: int | None = No
                 img = pixels[f.index]
             if img.shape != (f.rows, f.cols):
                 raise RejectedCase("truncated", f"pixel data of {img.shape} where the header says {(f.rows, f.cols)}")
-            # Transposed so that i runs along columns (row direction cosine), j along rows.
-            out[:, :, p, v] = (img.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)).T
+            dst = buf[v, p]
+            np.multiply(img, np.float32(f.slope), out=dst, casting="unsafe")
+            dst += np.float32(f.intercept)
+        if items[0][2].dataset is not None:
+            items[0][2].dataset = None  # drop the header (and any cached pixel bytes) once decoded
+    out = buf.transpose(3, 2, 1, 0)  # (cols, rows, slices, volumes): i along columns, j along rows
     if out.shape[3] == 1:
         out = out[..., 0]
     return out, LPS_TO_RAS @ geometry.affine_lps
@@ -256,7 +304,9 @@ def assemble(stack: Stack, geometry: StackGeometry, take_volume: int | None = No
 def stack_to_volume(stack: Stack, min_slices: int = 1, take_volume: int | None = None) -> Volume:
     geometry = analyse(stack, min_slices=min_slices)
     data, affine = assemble(stack, geometry, take_volume)
+    integral = all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in stack.frames)
     meta = {
+        "integer_valued": integral,  # stored integers x integral slope + intercept: exact in int16/int32
         "n_frames": len(stack.frames),
         "layout": stack.frames[0].layout,
         "slice_spacing_mm": round(geometry.slice_spacing, 4),

@@ -69,13 +69,17 @@ def to_nifti(volume: Volume, keep_integers: bool = True) -> nib.Nifti1Image:
     """A NIfTI image with sform and qform both set from the volume's affine (codes 1, scanner).
 
     Integer-valued data that fit int16 are stored as int16 (as dcm2niix does); others float32.
+    DICOM volumes say from their headers whether they are integer-valued (integral rescale),
+    which spares a pass over the voxels.
     """
     data = volume.data
-    if keep_integers and np.all(np.isfinite(data)) and np.array_equal(data, np.round(data)) \
-            and data.min(initial=0) >= -32768 and data.max(initial=0) <= 32767:
-        data = data.astype(np.int16)
-    else:
-        data = data.astype(np.float32)
+    integral = volume.meta.get("integer_valued")
+    if integral is None and keep_integers:
+        integral = bool(np.all(np.isfinite(data)) and np.array_equal(data, np.round(data)))
+    if keep_integers and integral and data.min(initial=0) >= -32768 and data.max(initial=0) <= 32767:
+        data = data.astype(np.int16, order="K")
+    elif data.dtype != np.float32:
+        data = data.astype(np.float32, order="K")
     img = nib.Nifti1Image(data, volume.affine)
     img.set_sform(volume.affine, code=1)
     img.set_qform(volume.affine, code=1)  # nibabel stores the nearest rigid part for sheared stacks
