@@ -43,7 +43,7 @@ def synthesize(params: Path = PARAMS_OPT) -> None:
     from pipeline.synthesize import synthesize as run
 
     p = _params(params)
-    s = run(p.synthesize, seed=p.seed)
+    s = run(p.synthesize, seed=p.seed, progress=sys.stderr.isatty())
     table = Table(title="synthesize summary", show_header=False)
     table.add_row("patients / studies", f"{s.n_patients} / {s.n_studies}")
     table.add_row("CT (DICOM) / MR (NIfTI)", f"{s.n_ct} / {s.n_mr}  ({s.n_compressed} CT series RLE-compressed)")

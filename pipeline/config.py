@@ -24,15 +24,17 @@ class SynthesizeConfig(_Strict):
 
     out_dir: Path = Path("data/demo")
     manifest: Path = Path("data_manifests/demo.csv")
-    n_patients: int = Field(40, ge=1)
+    n_patients: int = Field(150, ge=1)
     studies_per_patient: tuple[int, int] = (1, 3)
     ct_fraction: float = Field(0.5, ge=0.0, le=1.0)
     lesion_fraction: float = Field(0.5, ge=0.0, le=1.0)
     compressed_fraction: float = Field(0.3, ge=0.0, le=1.0)
-    lesion_radius_mm: tuple[float, float] = (9.0, 15.0)
+    # Conspicuous enough that a 3D ResNet learns them from ~200 cases in minutes on 2 CPU cores.
+    lesion_radius_mm: tuple[float, float] = (15.0, 25.0)
     # Lesion contrast ranges: CT in HU above soft tissue; MR as a relative signal gain.
-    lesion_contrast_hu: tuple[float, float] = (40.0, 120.0)
-    lesion_gain_mr: tuple[float, float] = (0.3, 1.0)
+    lesion_contrast_hu: tuple[float, float] = (200.0, 400.0)
+    lesion_gain_mr: tuple[float, float] = (1.5, 3.0)
+    workers: int = Field(2, ge=1)
 
 
 class MedMNISTConfig(_Strict):

@@ -37,6 +37,7 @@ from pydicom.uid import (
 from scipy import ndimage
 
 from pipeline.config import SynthesizeConfig
+from pipeline.progress import progress_map
 
 # Tissue labels returned by `phantom_labels`.
 AIR, SOFT, FAT, LUNG, BONE = 0, 1, 2, 3, 4
@@ -686,12 +687,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def synthesize(cfg: SynthesizeConfig, seed: int) -> SynthesisSummary:
+def _write_case_task(task: dict) -> dict:
+    return _write_case(task["plan"], task["seed"], task["out_dir"])
+
+
+def synthesize(cfg: SynthesizeConfig, seed: int, progress: bool = False) -> SynthesisSummary:
     """Write the demo cohort under cfg.out_dir, `truth.json` beside it and the manifest at cfg.manifest."""
     out_dir, manifest = Path(cfg.out_dir), Path(cfg.manifest)
     plans = plan_cohort(cfg, seed)
     _clear_out_dir(out_dir)
-    records = [_write_case(plan, seed, out_dir) for plan in plans]
+    # Every case draws from its own seeded generator, so parallel writing keeps the bytes identical.
+    tasks = [{"plan": plan, "seed": seed, "out_dir": out_dir} for plan in plans]
+    records = progress_map(_write_case_task, tasks, cfg.workers, "synthesizing", progress)
     # One case per line: greppable and diff-friendly.
     cases = ",\n".join("  " + json.dumps(rec) for rec in records)
     _atomic_write_text(out_dir / "truth.json", f'{{"seed": {seed},\n "cases": [\n{cases}\n ]}}\n')
