@@ -7,7 +7,7 @@ TORCH    = torch==2.13.0
 export DVC_NO_ANALYTICS = 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup setup-dev repro test lint bench clean
+.PHONY: setup setup-dev setup-browser repro test lint bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,12 +23,16 @@ $(BIN)/.installed-dev: $(BIN)/.installed
 setup: $(BIN)/.installed
 setup-dev: $(BIN)/.installed-dev
 
+# The review-report test drives Debian's Chromium (Playwright's own browser download is offline-hostile).
+setup-browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends chromium)
+
 repro: setup
 	$(BIN)/dvc config --local core.analytics false
 	$(BIN)/dvc config --local core.check_update false
 	$(BIN)/dvc repro
 
-test: setup-dev
+test: setup-dev setup-browser
 	$(BIN)/ruff check pipeline tests benchmarks
 	$(BIN)/python -m pytest -n 2
 

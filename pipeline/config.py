@@ -6,6 +6,7 @@ error that names the key instead of being silently ignored.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -194,18 +195,22 @@ class MLflowConfig(_Strict):
     system_metrics: bool = True
 
 
-class Params(_Strict):
-    seed: int = 42
-    data: DataConfig = DataConfig()
-    synthesize: SynthesizeConfig = SynthesizeConfig()
-    split: SplitConfig = SplitConfig()
-    ingest: IngestConfig = IngestConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    explain: ExplainConfig = ExplainConfig()
-    register: RegisterConfig = RegisterConfig()
-    mlflow: MLflowConfig = MLflowConfig()
+with warnings.catch_warnings():
+    # `register` (the stage's section) shadows BaseModel.register, an ABC classmethod nobody calls on params.
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class Params(_Strict):
+        seed: int = 42
+        data: DataConfig = DataConfig()
+        synthesize: SynthesizeConfig = SynthesizeConfig()
+        split: SplitConfig = SplitConfig()
+        ingest: IngestConfig = IngestConfig()
+        model: ModelConfig = ModelConfig()
+        train: TrainConfig = TrainConfig()
+        evaluate: EvaluateConfig = EvaluateConfig()
+        explain: ExplainConfig = ExplainConfig()
+        register: RegisterConfig = RegisterConfig()
+        mlflow: MLflowConfig = MLflowConfig()
 
 
 class ConfigError(ValueError):
