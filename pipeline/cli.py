@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -153,6 +154,25 @@ def evaluate(params: Path = PARAMS_OPT) -> None:
     console.print(table)
     console.print(f"temperature {r['calibration']['temperature']}, threshold {r['calibration']['threshold']} "
                   f"({r['calibration']['operating_point']}, fitted on val); outputs in {p.evaluate.out_dir}/")
+
+
+@app.command()
+def explain(
+    cases: list[str] = typer.Option(None, "--case", "-c", help="Explain only these case ids (repeatable)."),
+    params: Path = PARAMS_OPT,
+) -> None:
+    """Grad-CAM maps in native geometry (NIfTI, DICOM SC), sanity checks, and the HTML review report."""
+    from pipeline.explain import run_explain
+
+    _quiet_libraries()
+    p = _params(params)
+    r = run_explain(p, case_ids=cases or None)
+    table = Table(title="explain summary", show_header=False)
+    table.add_row("cases", str(r["n_cases"]))
+    for key, vals in r["sanity"].items():
+        table.add_row(key, json.dumps(vals) if isinstance(vals, dict) else str(vals))
+    table.add_row("report", r["report"])
+    console.print(table)
 
 
 @app.command()

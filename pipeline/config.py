@@ -122,6 +122,8 @@ class ModelConfig(_Strict):
     # 2D models on 3D tensors: this many axial slices per case, features max-pooled over slices.
     slices_2d: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Global pooling of the last stage: avg (MONAI's default) or max (small focal findings).
+    pool: Literal["avg", "max"] = "avg"
     # Local MedicalNet-format weights (3D ResNets); never downloaded at run time.
     pretrained_path: Path | None = None
 

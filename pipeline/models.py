@@ -33,6 +33,7 @@ class ModelSpec:
     conv1_t_size: int = 7
     slices_2d: int = 16
     dropout: float = 0.0
+    pool: str = "avg"  # global pooling of the last stage: avg (MONAI's) or max
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,11 +94,16 @@ def _resnet(spec: ModelSpec, feed_forward: bool) -> nn.Module:
     from monai.networks.nets import ResNet
 
     block, layers = RESNET_LAYERS[spec.name]
-    return ResNet(
+    net = ResNet(
         block=block, layers=layers, block_inplanes=[64, 128, 256, 512], spatial_dims=spec.spatial_dims,
         n_input_channels=spec.in_channels, num_classes=spec.n_classes, conv1_t_stride=spec.conv1_t_stride,
         conv1_t_size=spec.conv1_t_size, feed_forward=feed_forward, shortcut_type="B",
     )
+    if spec.pool == "max":
+        # Max pooling makes the decision hinge on the strongest local evidence (a small lesion)
+        # instead of its average over the volume; gradients, and so Grad-CAM, follow that location.
+        net.avgpool = nn.AdaptiveMaxPool3d(1) if spec.spatial_dims == 3 else nn.AdaptiveMaxPool2d(1)
+    return net
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

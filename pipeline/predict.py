@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,25 +50,38 @@ def load_registered(model_uri: str):
     """`mlflow.pyfunc.load_model` and the ResDx implementation behind it."""
     import mlflow
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
-        pyfunc = mlflow.pyfunc.load_model(model_uri)
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
     impl = pyfunc.unwrap_python_model()
     if not hasattr(impl, "prepare_study"):
         raise ValueError(f"{model_uri} is not a ResDx model (no study input)")
     return pyfunc, impl
 
 
+def native_saliency_function():
+    """`native_saliency` from the explain stage (`pipeline.explain`, or `pipeline.saliency` where it lives);
+    ImportError when neither provides it."""
+    import importlib
+
+    for module in ("pipeline.explain", "pipeline.saliency"):
+        try:
+            fn = getattr(importlib.import_module(module), "native_saliency", None)
+        except ImportError:
+            continue
+        if fn is not None:
+            return fn
+    raise ImportError("native_saliency is not available (neither pipeline.explain nor pipeline.saliency has it)")
+
+
 def _saliency(impl, prep: dict, out: Path, sid: str, class_index: int, method: str, target_layer: str) -> str:
+    """Grad-CAM of the decided class, taken back to the study's native grid, written as NIfTI."""
     import torch
 
-    from pipeline import explain  # written separately; imported only when a map is asked for
     from pipeline.io.nifti import write_nifti
     from pipeline.io.volume import Volume
 
-    sal = explain.native_saliency(impl.model, torch.from_numpy(prep["tensor"]), prep["tensor_affine"],
-                                  prep["native_shape"], prep["native_affine"], class_index=class_index, method=method,
-                                  target_layer=target_layer)
+    native_saliency = native_saliency_function()
+    sal = native_saliency(impl.model, torch.from_numpy(prep["tensor"]), prep["tensor_affine"], prep["native_shape"],
+                          prep["native_affine"], class_index=class_index, method=method, target_layer=target_layer)
     name = f"{sid}_saliency.nii.gz"
     write_nifti(Volume(data=np.asarray(sal, dtype=np.float32), affine=np.asarray(prep["native_affine"]), meta={}),
                 out / name)

@@ -215,7 +215,9 @@ class ResDxModel(mlflow.pyfunc.PythonModel):
         return out
 
     # ------------------------------------------------------------------ the pyfunc entry point
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None):
+        """ndarray (N, C, X, Y, Z) -> (N, K) probabilities. (The hint is for MLflow, which infers no schema
+        from it; called directly, e.g. through `unwrap_python_model()`, a DataFrame of paths also works.)"""
         import pandas as pd
 
         if isinstance(model_input, pd.DataFrame) and "path" in model_input.columns:

@@ -75,7 +75,7 @@ def model_spec(params: Params, train: CaseSet, plan: dict) -> ModelSpec:
         name=params.model.name, spatial_dims=spatial, in_channels=int(train.images.shape[1]),
         n_classes=max(2, n_classes),
         input_ndim=input_ndim, conv1_t_stride=params.model.conv1_t_stride, conv1_t_size=params.model.conv1_t_size,
-        slices_2d=params.model.slices_2d, dropout=params.model.dropout,
+        slices_2d=params.model.slices_2d, dropout=params.model.dropout, pool=params.model.pool,
     )
 
 
