@@ -176,6 +176,92 @@ def explain(
 
 
 @app.command()
+def register(params: Path = PARAMS_OPT) -> None:
+    """Log the model to MLflow as a pickle-free pyfunc, register a version (alias candidate) with
+    provenance tags and a model card, and promote it to champion if it passes the gate."""
+    from pipeline.registry import run_register
+
+    _quiet_libraries()
+    p = _params(params)
+    r = run_register(p)
+    gate = r["gate"]
+    table = Table(title="register summary", show_header=False)
+    table.add_row("model version", f"{r['model_name']} v{r['version']} ({', '.join(r['aliases'])})")
+    table.add_row("gate", "[green]passed: champion" if gate.get("passed") else f"[yellow]not promoted: "
+                  f"{gate.get('reason', '')}")
+    table.add_row("champion now", f"v{r['champion']}" if r.get("champion") else "none")
+    table.add_row("model card", r["model_card"])
+    table.add_row("load it", f"mlflow.pyfunc.load_model('models:/{r['model_name']}@champion')")
+    console.print(table)
+
+
+def _decision(action: str, version: str, reason: str, params: Path) -> None:
+    from pipeline import registry
+
+    _quiet_libraries()
+    p = _params(params)
+    try:
+        r = getattr(registry, action)(p, version, reason)
+    except ValueError as err:
+        console.print(f"[red]{err}")
+        raise typer.Exit(1) from None
+    except Exception as err:  # noqa: BLE001 - MLflow raises its own types for unknown versions
+        console.print(f"[red]{action} failed:[/] {err}")
+        raise typer.Exit(1) from None
+    console.print(f"{action}d {r['model_name']} v{r['version']} ({r['who']}, {r['when']}): {r['reason']}; "
+                  f"champion now: {r.get('champion') or 'none'}")
+
+
+@app.command()
+def promote(version: str = typer.Argument(..., help="Model version number."),
+            reason: str = typer.Option(..., "--reason", "-r", help="Why (recorded in the version's tags)."),
+            params: Path = PARAMS_OPT) -> None:
+    """Make a version the champion by hand (bypasses the gate; who/when/why are recorded)."""
+    _decision("promote", version, reason, params)
+
+
+@app.command()
+def demote(version: str = typer.Argument(..., help="Model version number."),
+           reason: str = typer.Option(..., "--reason", "-r", help="Why (recorded in the version's tags)."),
+           params: Path = PARAMS_OPT) -> None:
+    """Withdraw a version: it loses the champion alias (recorded in tags)."""
+    _decision("demote", version, reason, params)
+
+
+@app.command()
+def predict(
+    paths: list[Path] = typer.Argument(..., help="DICOM folders and/or NIfTI files, one study each."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model URI (default models:/<name>@champion)."),
+    out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Folder for one JSON per study."),
+    modality: str | None = typer.Option(None, help="CT or MR for NIfTI inputs (DICOM says it itself)."),
+    saliency: bool = typer.Option(False, "--saliency", help="Also write a Grad-CAM NIfTI overlay (native grid)."),
+    params: Path = PARAMS_OPT,
+) -> None:
+    """Calibrated probabilities for new studies, through ingest's code and the model's own plan."""
+    from pipeline.predict import run_predict
+
+    _quiet_libraries()
+    p = _params(params)
+    uri = model or f"models:/{p.register.model_name}@champion"
+    r = run_predict(uri, paths, out, modality=modality, saliency=saliency, tracking_uri=p.mlflow.tracking_uri,
+                    progress=sys.stderr.isatty(), target_layer=p.explain.target_layer)
+    table = Table(title=f"predict: {r['model']['name']} v{r['model']['version']}")
+    for col in ("study", "status", "result"):
+        table.add_column(col)
+    for rec in r["records"]:
+        if rec["status"] == "ok":
+            probs = ", ".join(f"{k} {v:.3f}" for k, v in rec["probabilities"].items())
+            result = f"{rec['decision']['class']} ({probs})"
+        else:
+            result = rec.get("reason", "")
+        table.add_row(rec["study_id"], rec["status"], result)
+    console.print(table)
+    console.print(f"{r['n_ok']} ok, {r['n_rejected']} rejected; JSON in {out}/")
+    if r["n"] and r["n_ok"] == 0:
+        raise typer.Exit(1)
+
+
+@app.command()
 def convert(
     src: Path = typer.Argument(..., help="A DICOM series folder (or one DICOM file, e.g. a mosaic)."),
     out: Path = typer.Argument(..., help="Output .nii or .nii.gz."),

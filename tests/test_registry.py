@@ -1,0 +1,219 @@
+"""Register stage: models-from-code pyfunc, aliases, provenance tags, promotion gate, manual decisions."""
+
+from __future__ import annotations
+
+import csv
+import getpass
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from conftest import tiny_params
+
+from pipeline.config import params_from_dict
+
+NAME = "resdx-reg"
+
+
+def _params(tmp: Path, ingest_dir: Path, **register):
+    raw = tiny_params(tmp, ingest_dir)
+    raw["register"] = {"model_name": NAME, "min_auroc_ci_low": 0.0, "max_ece_calibrated": 1.0, **register}
+    return params_from_dict(raw)
+
+
+def _isolate_artifacts(params, tmp: Path) -> None:
+    """Create the experiment first so that artifacts go to tmp, not to ./mlruns."""
+    from pipeline.tracking import experiment_name
+
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    mlflow.create_experiment(experiment_name(params), artifact_location=(tmp / "artifacts").as_uri())
+
+
+def _client(reg) -> mlflow.MlflowClient:
+    uri = reg["params"].mlflow.tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _variant(models_dir: Path, out: Path, scale: float) -> Path:
+    """A copy of the checkpoint with the classifier head scaled (0: constant output, -1: reversed ranking)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(models_dir, out)
+    w = load_file(str(out / "model.safetensors"))
+    for k in ("fc.weight", "fc.bias"):
+        w[k] = (w[k] * scale).contiguous()
+    save_file(w, str(out / "model.safetensors"))
+    return out
+
+
+def _predictions(tmp: Path, split: str) -> np.ndarray:
+    rows = [r for r in csv.DictReader((tmp / "reports/predictions.csv").open()) if r["split"] == split]
+    return np.array([float(r["calibrated_probability"]) for r in rows])
+
+
+@pytest.fixture(scope="module")
+def reg(tiny_ingested, tmp_path_factory):
+    """Train + evaluate once, then three registrations: pass, fail thresholds, worse than the champion."""
+    from pipeline.data import load_split
+    from pipeline.evaluate import run_evaluate
+    from pipeline.registry import run_register
+    from pipeline.train import run_train
+
+    tmp = tmp_path_factory.mktemp("reg")
+    params = _params(tmp, tiny_ingested)
+    _isolate_artifacts(params, tmp)
+    run_train(params, progress=False)
+    run_evaluate(params)
+    out = {"tmp": tmp, "params": params}
+    out["first"] = run_register(params)
+    images = {s: load_split(tiny_ingested, s).images.numpy() for s in ("val", "test")}
+    out["by_alias"] = {a: {s: mlflow.pyfunc.load_model(f"models:/{NAME}@{a}").predict(x) for s, x in images.items()}
+                       for a in ("candidate", "champion")}
+    out["second"] = run_register(_params(tmp, tiny_ingested, min_auroc_ci_low=1.0, max_ece_calibrated=0.0))
+    client = mlflow.MlflowClient(tracking_uri=params.mlflow.tracking_uri)
+    out["second_aliases"] = sorted(client.get_model_version(NAME, out["second"]["version"]).aliases)
+    if float(out["first"]["tags"]["test_auroc"]) < 0.5:  # make sure the champion ranks better than chance
+        out["flipped"] = run_register(params, models_dir=_variant(tmp / "models", tmp / "flipped", -1.0))
+    out["constant"] = run_register(params, models_dir=_variant(tmp / "models", tmp / "constant", 0.0))
+    out["local"] = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp / "download")))
+    return out
+
+
+def test_first_registration_is_tagged_and_becomes_champion(reg):
+    from pipeline.plan import plan_hash
+    from pipeline.tracking import git_commit
+
+    tmp, first = reg["tmp"], reg["first"]
+    assert first["version"] == "1" and first["aliases"] == ["candidate", "champion"] and first["gate"]["passed"]
+    tags = _client(reg).get_model_version(NAME, "1").tags
+    info = json.loads((tmp / "models/model.json").read_text())
+    test = json.loads((tmp / "reports/metrics.json").read_text())["test"]
+    assert tags["data_hash"] == info["data_hash"] and tags["git_commit"] == git_commit()
+    assert tags["plan_hash"] == plan_hash(json.loads((tmp / "models/plan.json").read_text()))
+    assert tags["mlflow_run_id"] == json.loads((tmp / "models/mlflow_run.json").read_text())["run_id"]
+    assert float(tags["test_auroc"]) == pytest.approx(test["auroc"])
+    assert float(tags["test_auroc_ci_low"]) == pytest.approx(test["auroc_ci95"][0])
+    assert float(tags["test_auroc_ci_high"]) == pytest.approx(test["auroc_ci95"][1])
+    assert float(tags["test_ece_calibrated"]) == pytest.approx(test["ece_calibrated"])
+    assert float(tags["test_brier_calibrated"]) == pytest.approx(test["brier_calibrated"])
+    assert tags["gate"] == "passed"
+    assert "gate" in json.loads((tmp / "reports/registration.json").read_text())
+
+
+def test_loaded_by_alias_it_reproduces_the_evaluate_stage(reg):
+    for alias, preds in reg["by_alias"].items():
+        for split, probs in preds.items():
+            assert probs.shape[1] == 2
+            np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+            np.testing.assert_allclose(probs[:, 1], _predictions(reg["tmp"], split), atol=1e-5, err_msg=alias)
+
+
+def test_signature_and_input_example_describe_a_preprocessed_batch(reg):
+    from mlflow.models import Model
+
+    m = Model.load(str(reg["local"] / "MLmodel"))
+    spec = m.signature.inputs.inputs[0]
+    assert spec.type == np.dtype(np.float32) and spec.shape == (-1, 1, 24, 24, 24)
+    assert m.signature.outputs.inputs[0].shape == (-1, 2)
+    example = json.loads((reg["local"] / "serving_input_example.json").read_text())["inputs"]
+    assert np.asarray(example).shape == (1, 1, 24, 24, 24)
+
+
+def test_thresholds_that_fail_keep_the_version_a_candidate(reg):
+    second = reg["second"]
+    assert not second["gate"]["passed"] and reg["second_aliases"] == ["candidate"]
+    assert second["champion"] == "1"
+    reason = _client(reg).get_model_version(NAME, second["version"]).tags["gate_reason"]
+    assert "max_ece_calibrated" in reason  # an ECE of 0 is out of reach; the CI bound may be a perfect 1.0
+    if float(reg["first"]["tags"]["test_auroc_ci_low"]) < 1.0:
+        assert "min_auroc_ci_low" in reason
+
+
+def test_a_model_worse_than_the_champion_on_the_same_test_set_is_not_promoted(reg):
+    const = reg["constant"]
+    champion = reg.get("flipped", reg["first"])["version"]
+    cmp = const["gate"]["comparison"]
+    assert cmp["champion_version"] == champion and cmp["n"] == len(_predictions(reg["tmp"], "test"))
+    assert cmp["auroc_candidate"] == pytest.approx(0.5) and cmp["auroc_champion"] > 0.5 and cmp["worse"]
+    assert not const["gate"]["passed"] and const["champion"] == champion
+    tags = _client(reg).get_model_version(NAME, const["version"]).tags
+    assert "worse than champion" in tags["gate_reason"] and tags["gate"] == "failed"
+    assert json.loads(tags["gate_comparison"])["worse"] is True
+
+
+def test_compare_with_champion_rule_and_delong():
+    from pipeline.registry import compare_with_champion
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    good = np.clip(0.5 + 0.4 * (y - 0.5) + rng.normal(0, 0.2, y.size), 0, 1)
+    noise = rng.uniform(size=y.size)
+    as_probs = lambda p: np.stack([1 - p, p], axis=1)  # noqa: E731
+    worse = compare_with_champion(y, as_probs(noise), as_probs(good), tolerance=0.0)
+    assert worse["worse"] and worse["delong_p"] < 0.05
+    same = compare_with_champion(y, as_probs(good), as_probs(good), tolerance=0.0)
+    assert not same["worse"] and same["delong_p"] == pytest.approx(1.0)
+    slack = compare_with_champion(y, as_probs(good * 0.9 + noise * 0.1), as_probs(good), tolerance=0.2)
+    assert not slack["worse"]
+
+
+def test_manual_promote_and_demote_are_recorded(reg):
+    from pipeline.registry import demote, promote
+
+    params = reg["params"].model_copy(update={"register": reg["params"].register.model_copy(
+        update={"model_name": "resdx-manual"})})
+    client = _client(reg)
+    for _ in range(2):  # two versions of the already logged model: no re-logging
+        mlflow.register_model(reg["first"]["logged_model_uri"], "resdx-manual")
+    p2 = promote(params, 2, "reader study sign-off")
+    assert p2["champion"] == "2" and p2["champion_before"] is None
+    p1 = promote(params, "1", "rollback after drift")
+    assert p1["champion_before"] == "2"
+    tags1 = client.get_model_version("resdx-manual", "1").tags
+    tags2 = client.get_model_version("resdx-manual", "2").tags
+    assert tags1["promoted_by"] == getpass.getuser() and tags1["promotion_reason"] == "rollback after drift"
+    assert tags1["promoted_at"].endswith("+00:00") and tags2["replaced_by"] == "1"
+    d = demote(params, 1, "safety recall")
+    assert d["was_champion"] and d["champion"] is None
+    tags1 = client.get_model_version("resdx-manual", "1").tags
+    assert tags1["demoted_by"] == getpass.getuser() and tags1["demotion_reason"] == "safety recall"
+    assert [e["action"] for e in json.loads(tags1["decisions"])] == ["promote", "demote"]
+    with pytest.raises(ValueError, match="reason"):
+        demote(params, 2, "  ")
+
+
+def test_loading_and_predicting_unpickles_nothing(reg, monkeypatch):
+    import cloudpickle
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something tried to unpickle")
+
+    for mod, fn in ((pickle, "load"), (pickle, "loads"), (cloudpickle, "load"), (cloudpickle, "loads"),
+                    (torch, "load")):
+        monkeypatch.setattr(mod, fn, refuse)
+    _client(reg)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    x = np.zeros((2, 1, 24, 24, 24), dtype=np.float32)
+    assert model.predict(x).shape == (2, 2)
+    files = [p for p in reg["local"].rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".pkl", ".pickle", ".pt", ".pth", ".pt2", ".joblib")]
+    mlmodel = (reg["local"] / "MLmodel").read_text()
+    assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel and "model_code_path" in mlmodel
+    assert (reg["local"] / "artifacts/model.safetensors").exists()
+    assert (reg["local"] / "code/pipeline/serving_model.py").exists()
+
+
+def test_model_card_is_written_and_bundled(reg):
+    text = (reg["tmp"] / "reports/model_card.md").read_text()
+    for heading in ("Intended use", "Data", "Preprocessing", "Performance", "Calibration", "Subgroups",
+                    "Explainability", "Limitations", "CLAIM"):
+        assert heading in text, heading
+    assert "| test |" in text and "GE MEDICAL SYSTEMS" in text and "95% CI" in text
+    assert (reg["local"] / "artifacts/model_card.md").read_text().startswith(f"# Model card: {NAME}")
