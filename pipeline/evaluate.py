@@ -38,6 +38,8 @@ def split_metrics(y: np.ndarray, logits: np.ndarray, temperature: float, thresho
         if two_classes:
             out["auroc"] = _r(M.auroc(y, score))
             out["auroc_ci95"] = [_r(v) for v in M.bootstrap_auroc_ci(y, score, n_resamples=n_boot, seed=seed)]
+            # Scalars too: `dvc metrics show` / `dvc exp show` display numbers, not lists.
+            out["auroc_ci95_low"], out["auroc_ci95_high"] = out["auroc_ci95"]
             if min((y == 1).sum(), (y == 0).sum()) >= 2:
                 out["auroc_ci95_delong"] = [_r(v) for v in M.delong_ci(y, score)]
         if threshold is not None:
@@ -101,7 +103,9 @@ def run_evaluate(params: Params, models_dir: Path | str | None = None, ingest_di
 
     temperature = M.fit_temperature(logits["val"], labels["val"])
     threshold = None
-    if binary:
+    if binary and len(np.unique(labels["val"])) < 2:
+        threshold = 0.5  # one class in val: no ROC to choose from; the calibrated 0.5 is the honest default
+    elif binary:
         val_score = M.apply_temperature(logits["val"], temperature)[:, 1]
         if cfg.operating_point == "youden":
             threshold = M.youden_threshold(labels["val"], val_score)

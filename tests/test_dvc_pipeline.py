@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,14 +20,23 @@ def test_dvc_repro_on_a_tiny_cohort(tmp_path):
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     work = tmp_path / "repo"
+    outputs = ("data/", "models/", "reports/", "predictions/", "mlflow.db", ".cache/", "tests/artifacts/")
     for f in files:
-        if (REPO / f).is_file():
+        if (REPO / f).is_file() and not f.startswith(outputs):
             (work / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, work / f)
     params = yaml.safe_load((work / "configs/params.yaml").read_text())
-    params["synthesize"]["n_patients"] = 4
+    params["synthesize"]["n_patients"] = 20
+    params["ingest"].update(spacing=[10.0, 10.0, 10.0], shape=[24, 24, 24])
+    params["train"].update(epochs=2, batch_size=4, threads=1)
+    params["mlflow"]["system_metrics"] = False
+    params["evaluate"]["n_bootstrap"] = 200
+    params["explain"]["target_layer"] = "layer1"
+    params["register"].update(min_auroc_ci_low=0.0, max_ece_calibrated=1.0)  # the gate passes: a champion
     (work / "configs/params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (work / "dvc.lock").unlink(missing_ok=True)
+    (work / "params.yaml").unlink(missing_ok=True)
+    (work / "params.yaml").symlink_to("configs/params.yaml")
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@example.org")
@@ -42,9 +52,19 @@ def test_dvc_repro_on_a_tiny_cohort(tmp_path):
     run("dvc", "repro")
     index = (work / "data/ingested/index.csv").read_text().splitlines()
     manifest = (work / "data_manifests/demo.csv").read_text().splitlines()
-    assert len(index) == len(manifest) > 4
-    assert (work / "data/ingested/plan.json").exists() and (work / "dvc.lock").exists()
+    assert len(index) == len(manifest) > 12
+    for f in ("data/ingested/plan.json", "dvc.lock", "models/model.safetensors", "reports/metrics.json",
+              "reports/explain/report.html", "reports/model_card.md"):
+        assert (work / f).exists(), f
+    registration = json.loads((work / "reports/registration.json").read_text())
+    assert registration["champion"] == registration["version"] == "1"
     again = run("dvc", "repro")
     assert "didn't change" in again.stdout or "up to date" in again.stdout
-    metrics = run("dvc", "metrics", "show", "--json")
-    assert "n_ok" in metrics.stdout
+    metrics = json.loads(run("dvc", "metrics", "show", "--json").stdout)
+    flat = json.dumps(metrics)
+    for key in ("auroc", "auroc_ci95_low", "auroc_ci95_high", "ece_calibrated", "brier", "n_ok", "pointing_game"):
+        assert key in flat, key
+    assert len(json.loads((work / "reports/metrics.json").read_text())["test"]["auroc_ci95"]) == 2
+    shown = run("dvc", "exp", "show", "--md").stdout
+    for col in ("test.auroc", "test.auroc_ci95_low", "test.ece", "test.ece_calibrated", "test.brier"):
+        assert col in shown, col
