@@ -177,9 +177,10 @@ def _sanity(rand_stats: list, loc: list) -> dict:
     if rand_stats:
         rho = float(np.mean([r for r, _ in rand_stats]))
         ssim = float(np.mean([s for _, s in rand_stats]))
-        # Adebayo et al.: maps of a randomized model must differ from the trained model's.
+        # Adebayo et al.: maps of a randomized model must differ from the trained model's. The flag
+        # uses the rank correlation (their headline measure; < 0.5); SSIM is reported beside it.
         out["randomization"] = {"spearman": round(rho, 4), "ssim": round(ssim, 4), "n": len(rand_stats),
-                                "passed": bool(rho < 0.5 and ssim < 0.5)}
+                                "passed": bool(rho < 0.5)}
     if loc:
         out["pointing_game"] = {"hit_rate": round(float(np.mean([d["hit"] for d in loc])), 4),
                                 "random_baseline": round(float(np.mean([d["random_hit"] for d in loc])), 5),
