@@ -192,6 +192,8 @@ class RegisterConfig(_Strict):
 
 
 class MLflowConfig(_Strict):
+    # Off only for smoke runs where MLflow is not installed (e.g. a bare GPU box); stages then skip logging.
+    enabled: bool = True
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None  # default: resdx-<data set name>
     system_metrics: bool = True

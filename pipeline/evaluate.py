@@ -222,7 +222,7 @@ def _log_mlflow(params: Params, models_dir: Path, out: Path, result: dict) -> No
     from pipeline.tracking import flatten
 
     run_file = models_dir / "mlflow_run.json"
-    if not run_file.exists():
+    if not params.mlflow.enabled or not run_file.exists():
         return
     run_id = json.loads(run_file.read_text())["run_id"]
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)

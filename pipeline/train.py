@@ -189,7 +189,8 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
     run_id = progress_state.get("run_id") if progress_state else None
 
     mlrun = None
-    if rank == 0:
+    log = rank == 0 and params.mlflow.enabled
+    if log:
         mlrun = start_run(params, run_id, run_name=f"{spec.name}-{spec.spatial_dims}d")
         run_id = mlrun.info.run_id
         if not progress_state:
@@ -244,10 +245,11 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
             else:
                 since += 1
             finished = since >= t.patience or epoch == t.epochs - 1
-            if rank == 0:
+            if log:
                 import mlflow
 
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}, step=epoch)
+            if rank == 0:
                 if improved:
                     save_weights(model, state / "best.safetensors")
                 _save_state(state, model, opt, sched, {"epoch": epoch, "best": best, "best_epoch": best_epoch,
@@ -264,6 +266,7 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
                            n_train=len(train), n_val=len(val), run_id=run_id or "", history=hist)
     if rank == 0:
         _export(out, state, spec, plan, params, summary, dhash, ingest_dir)
+    if log:
         import mlflow
 
         mlflow.log_metrics({"best_val_auroc": summary.best_val_auroc, "best_epoch": best_epoch})
@@ -330,7 +333,8 @@ def _export(out: Path, state: Path, spec: ModelSpec, plan: dict, params: Params,
     save_json(out / "train_metrics.json", {"best_val_auroc": round(s.best_val_auroc, 4), "best_epoch": s.best_epoch,
                                            "epochs_run": s.epochs_run, "seconds": round(s.seconds, 1),
                                            "n_train": s.n_train, "n_val": s.n_val})
-    save_json(out / "mlflow_run.json", {"run_id": s.run_id, "tracking_uri": params.mlflow.tracking_uri})
+    if params.mlflow.enabled:
+        save_json(out / "mlflow_run.json", {"run_id": s.run_id, "tracking_uri": params.mlflow.tracking_uri})
     with (out / "history.csv").open("w") as fh:
         fh.write("epoch,train_loss,val_loss,val_auroc,lr\n")
         for r in s.history:
