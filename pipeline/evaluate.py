@@ -217,13 +217,13 @@ def _log_mlflow(params: Params, models_dir: Path, out: Path, result: dict) -> No
     """Log metrics, figures and predictions to the training run."""
     import json
 
+    run_file = models_dir / "mlflow_run.json"
+    if not params.mlflow.enabled or not run_file.exists():
+        return
     import mlflow
 
     from pipeline.tracking import flatten
 
-    run_file = models_dir / "mlflow_run.json"
-    if not params.mlflow.enabled or not run_file.exists():
-        return
     run_id = json.loads(run_file.read_text())["run_id"]
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
     flat = {}

@@ -271,11 +271,11 @@ def _write_dicom_overlays(params: Params, overlays: list, folder: Path, salt: by
 
 
 def _log_mlflow(params: Params, out: Path, sanity: dict) -> None:
-    import mlflow
-
     run_file = Path(params.train.out_dir) / "mlflow_run.json"
     if not params.mlflow.enabled or not run_file.exists():
         return
+    import mlflow
+
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
     with mlflow.start_run(run_id=json.loads(run_file.read_text())["run_id"]):
         flat = {}

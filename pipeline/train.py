@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.checkpoint import save_checkpoint, save_weights
 from pipeline.config import Params
-from pipeline.data import Augmenter, CaseSet, class_weights, epoch_order, load_split, read_plan
+from pipeline.data import Augmenter, CaseSet, class_weights, epoch_order, load_split, read_plan, to_device_if_fits
 from pipeline.ingest import save_json
 from pipeline.models import ModelSpec, build_model, load_medicalnet
 
@@ -157,6 +157,7 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
 
     plan = read_plan(ingest_dir)
     train, val = load_split(ingest_dir, "train", pin=device.type == "cuda"), load_split(ingest_dir, "val")
+    train = to_device_if_fits(train, device)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"{ingest_dir}: need ok cases in both train ({len(train)}) and val ({len(val)}) splits")
     spec = model_spec(params, train, plan)
@@ -176,7 +177,7 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
     progress_state = _load_state(state, model, opt, sched) if t.resume else None
     net = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
         if world > 1 else model
-    weights = class_weights(train.labels, spec.n_classes).to(device) if t.imbalance == "weights" else None
+    weights = class_weights(train.labels.cpu(), spec.n_classes).to(device) if t.imbalance == "weights" else None
     criterion = nn.CrossEntropyLoss(weight=weights)
     augment = Augmenter(t.augment, spatial_dims=spec.input_ndim)
 
@@ -210,8 +211,9 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
             te = time.perf_counter()
             net.train()
             torch.manual_seed(params.seed * 7919 + epoch)  # dropout etc.: a function of (seed, epoch)
-            order = _local_order(len(train), epoch, params.seed, train.labels, t.imbalance == "sampler", rank, world)
-            losses = []
+            order = _local_order(len(train), epoch, params.seed, train.labels.cpu(), t.imbalance == "sampler", rank,
+                                 world).to(train.images.device)
+            loss_sum, n_steps = torch.zeros((), device=device), 0
             for step in range(steps):
                 idx = order[step * per_rank_batch:(step + 1) * per_rank_batch]
                 if len(idx) < 2 and len(order) >= 2:
@@ -228,14 +230,15 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
                     nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
                 opt.step()
                 sched.step()
-                losses.append(float(loss.detach()))
-                bar.step(epoch, float(np.mean(losses)))
+                loss_sum += loss.detach()  # summed on the device: no host sync per step
+                n_steps += 1
+                bar.step(epoch)
             # Every rank evaluates the (small) validation set the same way: no broadcast needed.
             val_logits = predict_logits(model, val.images, device, t.batch_size, amp)
             val_loss = float(nn.functional.cross_entropy(val_logits, val.labels))
             val_auroc = auroc_of(val.labels, val_logits)
             score = val_auroc if not math.isnan(val_auroc) else -val_loss
-            row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            row = {"epoch": epoch, "train_loss": float(loss_sum) / n_steps if n_steps else float("nan"),
                    "val_loss": val_loss, "val_auroc": val_auroc, "lr": opt.param_groups[0]["lr"],
                    "seconds": time.perf_counter() - te}
             hist.append(row)
@@ -356,13 +359,14 @@ class _Bar:
         self.e = self.p.add_task("epochs", total=epochs, info="")
         self.s = self.p.add_task("steps", total=steps, info="")
 
-    def step(self, epoch: int, loss: float) -> None:
+    def step(self, epoch: int) -> None:
         if self.show:
-            self.p.update(self.s, advance=1, info=f"loss {loss:.4f}")
+            self.p.update(self.s, advance=1)
 
     def epoch_done(self, epoch: int, row: dict, best: float) -> None:
         if self.show:
-            self.p.update(self.e, advance=1, info=f"epoch {epoch}: val AUROC {row['val_auroc']:.3f} (best {best:.3f})")
+            self.p.update(self.e, advance=1, info=f"epoch {epoch}: train loss {row['train_loss']:.4f}, "
+                          f"val AUROC {row['val_auroc']:.3f} (best {best:.3f})")
             self.p.reset(self.s)
 
     def close(self) -> None:
