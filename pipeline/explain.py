@@ -259,7 +259,7 @@ def _write_dicom_overlays(params: Params, overlays: list, folder: Path, salt: by
             sc = hd.sc.SCImage(
                 pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
                 study_instance_uid=study, series_instance_uid=series, series_number=9001, sop_instance_uid=hd.UID(),
-                instance_number=k + 1, manufacturer="ResDx", patient_id=row.patient_id, patient_name=cid,
+                instance_number=k + 1, manufacturer="ResDx", patient_id=row.patient_id, patient_name=f"{cid}^",
                 patient_orientation=("L", "P"), series_description="ResDx saliency overlay (not for diagnosis)",
             )
             item = Dataset()
