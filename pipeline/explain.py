@@ -101,6 +101,7 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
     names = info.get("class_names") or ["0", "1"]
     masks = _masks(params)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
+    (out / "dicom").mkdir(parents=True, exist_ok=True)  # a DVC output even when no input is DICOM
 
     cases, loc, rand_stats, overlays = [], [], [], []
     salt = os.urandom(16)  # de-identified DICOM UIDs: consistent within this run, unlinkable across runs
