@@ -125,22 +125,23 @@ class ResDxModel(mlflow.pyfunc.PythonModel):
 
     # ------------------------------------------------------------------ studies
     def resolve_modality(self, path: Path, modality: str | None) -> str:
-        """Given modality (CT/MR/MRI), else the DICOM header's, else the model's only training modality."""
+        """A DICOM header's modality, else the given one (CT/MR/MRI; NIfTI has none), else the
+        model's only training modality. A batch may mix DICOM and NIfTI under one `modality`."""
         from pipeline.errors import RejectedCase
         from pipeline.ingest import read_case
         from pipeline.io.nifti import is_nifti
 
-        if modality:
-            m = _MODALITIES.get(str(modality).strip().upper())
-            if not m:
-                raise RejectedCase("bad_modality", f"modality must be CT or MR, got {modality!r}")
-            return m
         if not path.exists():
             raise RejectedCase("missing_path", "the path does not exist")
         dicom = not (path.is_file() and is_nifti(path))
         found = _peek_dicom_modality(path) if dicom else None
         if found:
             return found
+        if modality:
+            m = _MODALITIES.get(str(modality).strip().upper())
+            if not m:
+                raise RejectedCase("bad_modality", f"modality must be CT or MR, got {modality!r}")
+            return m
         seen = self.plan.get("fingerprint", {}).get("modalities") or []
         if len(seen) == 1:
             return seen[0]  # a single-modality model: its modality is the only sensible reading
