@@ -53,16 +53,18 @@ class PlainCNN(nn.Module):
         pool = nn.MaxPool3d if spatial_dims == 3 else nn.MaxPool2d
         adaptive = nn.AdaptiveAvgPool3d if spatial_dims == 3 else nn.AdaptiveAvgPool2d
         drop = dropout or 0.25
-        self.features = nn.Sequential(
-            conv(in_channels, 32, 3, padding=1), nn.ReLU(), conv(32, 32, 3), nn.ReLU(), pool(2), nn.Dropout(drop),
-            conv(32, 64, 3, padding=1), nn.ReLU(), conv(64, 64, 3), nn.ReLU(), pool(2), nn.Dropout(drop),
-        )
+        self.block1 = nn.Sequential(conv(in_channels, 32, 3, padding=1), nn.ReLU(), conv(32, 32, 3), nn.ReLU(),
+                                    pool(2), nn.Dropout(drop))
+        self.block2 = nn.Sequential(conv(32, 64, 3, padding=1), nn.ReLU(), conv(64, 64, 3), nn.ReLU(), pool(2),
+                                    nn.Dropout(drop))
         self.pool = adaptive(4)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4**spatial_dims, 512), nn.ReLU(), nn.Dropout(0.5),
                                   nn.Linear(512, n_classes))
 
+    cam_layer = "block2"  # its last convolutional stage, for Grad-CAM
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)))
+        return self.head(self.pool(self.block2(self.block1(x))))
 
 
 class SliceMIL(nn.Module):

@@ -35,6 +35,18 @@ def _cam(model: nn.Module, layer: str, method: str):
     return cls(nn_module=model, target_layers=layer, postprocessing=_minmax)
 
 
+def resolve_layer(model: nn.Module, target_layer: str) -> str:
+    """The configured layer, or the network's own `cam_layer` (the plain CNN has no `layer4`)."""
+    names = dict(model.named_modules())
+    if target_layer in names:
+        return target_layer
+    fallback = getattr(model, "cam_layer", None)
+    if fallback in names:
+        return fallback
+    top = [n for n in names if n and "." not in n]
+    raise ValueError(f"explain.target_layer={target_layer!r} is not a layer of this network; choose one of {top}")
+
+
 def saliency(model: nn.Module, x: torch.Tensor, class_index: int | None = None, method: str = "gradcam",
              target_layer: str = "layer4") -> tuple[np.ndarray, int, np.ndarray]:
     """Map for one case `x` (C, *spatial) in the tensor grid, in [0, 1].
@@ -42,6 +54,8 @@ def saliency(model: nn.Module, x: torch.Tensor, class_index: int | None = None, 
     Returns (map with x's spatial shape, the explained class, the class probabilities).
     """
     model.eval()
+    inner = model.backbone if isinstance(model, SliceMIL) else model
+    target_layer = resolve_layer(inner, target_layer)
     xb = x.unsqueeze(0).float()
     with torch.no_grad():
         probs = torch.softmax(model(xb), dim=1)[0]

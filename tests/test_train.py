@@ -40,6 +40,14 @@ def test_resnets_default_to_a_stride_2_stem():
     assert model.conv1.stride == (2, 2, 2)
 
 
+def test_plain_cnn_explains_its_last_conv_stage():
+    from pipeline.saliency import saliency
+
+    model = build_model(ModelSpec("plain_cnn", 3, 1, 2, 3))
+    cam, cls, _ = saliency(model, torch.randn(1, 24, 24, 24), target_layer="layer4")
+    assert cam.shape == (24, 24, 24) and 0 <= cam.min() and cam.max() <= 1
+
+
 def test_plain_cnn_has_no_residual_connections():
     model = build_model(ModelSpec("plain_cnn", 2, 1, 2, 2))
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
