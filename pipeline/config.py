@@ -91,6 +91,8 @@ class MRIntensity(_Strict):
 
 class IngestConfig(_Strict):
     out_dir: Path = Path("data/ingested")
+    # Where the patient-level split is also written (case_id, patient_id, label, split); null = only index.csv.
+    splits_file: Path | None = None
     # Content-addressed cache of decoded, reoriented volumes (git-ignored, survives `dvc repro`).
     cache_dir: Path = Path(".cache/ingest")
     workers: int = Field(2, ge=1)

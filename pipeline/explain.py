@@ -198,7 +198,12 @@ def _report_summary(params: Params, info: dict, sanity: dict) -> dict:
     ev = Path(params.evaluate.out_dir)
     metrics = json.loads((ev / "metrics.json").read_text()) if (ev / "metrics.json").exists() else {}
     calib_png = ev / "figures" / "calibration_test.png"
-    card = Path("reports/model_card.md")
+    from pipeline.model_card import build_model_card
+
+    try:  # the card as it stands now (register logs the final one with the version)
+        card_md = build_model_card(params)
+    except (OSError, KeyError, ValueError):
+        card_md = None
     return {
         "title": "ResDx saliency review",
         "model": {"name": info["spec"]["name"], "spatial_dims": info["spec"]["spatial_dims"],
@@ -208,7 +213,7 @@ def _report_summary(params: Params, info: dict, sanity: dict) -> dict:
         "metrics": {k: metrics[k] for k in ("val", "test", "calibration") if k in metrics},
         "calibration_png": calib_png.read_bytes() if calib_png.exists() else None,
         "sanity": sanity,
-        "model_card_md": card.read_text() if card.exists() else None,
+        "model_card_md": card_md,
     }
 
 

@@ -59,9 +59,13 @@ def test_tensors_are_pickle_free_memory_mapped_and_normalized(ingested):
         assert np.isfinite(t).all() and t.std() > 0.1
 
 
-def test_splits_are_patient_level_and_stratified(ingested):
+def test_splits_are_patient_level_and_stratified(ingested, tmp_path, demo_cohort):
     _, _, out = ingested
     rows = _index(out)
+    run_ingest(_params(tmp_path, splits_file=str(tmp_path / "splits.csv")), manifest=demo_cohort, progress=False)
+    written = list(csv.DictReader((tmp_path / "splits.csv").open()))
+    assert {(r["case_id"], r["split"]) for r in written} == {(r["case_id"], r["split"]) for r in rows}
+    rows = rows + [dict(r, case_id="again-" + r["case_id"]) for r in written]
     split_of: dict[str, set] = {}
     for r in rows:
         split_of.setdefault(r["patient_id"], set()).add(r["split"])

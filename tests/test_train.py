@@ -139,3 +139,17 @@ def test_ddp_with_two_gloo_processes_matches_the_single_process_contract(tiny_in
     run = client.get_run(info["mlflow_run_id"])
     assert run.data.tags["world_size"] == "2"
     assert len(client.search_runs([run.info.experiment_id])) == 1  # rank 0 alone logged
+
+
+def test_medicalnet_weights_load_from_a_local_path(tmp_path):
+    from pipeline.models import load_medicalnet
+
+    source = build_model(ModelSpec("resnet10", 3, 1, 2, 3))
+    state = {f"module.{k}": v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    torch.save({"state_dict": state}, tmp_path / "resnet_10.pth")  # MedicalNet's layout: no head, DataParallel names
+    target = build_model(ModelSpec("resnet10", 3, 1, 2, 3))
+    missing = load_medicalnet(target, tmp_path / "resnet_10.pth")
+    assert missing == ["fc.bias", "fc.weight"]
+    assert torch.equal(target.conv1.weight, source.conv1.weight)
+    with pytest.raises(ValueError, match="no parameter matches"):
+        load_medicalnet(build_model(ModelSpec("plain_cnn", 3, 1, 2, 3)), tmp_path / "resnet_10.pth")
