@@ -314,7 +314,7 @@ def run_ingest(params: Params, manifest: Path | str | None = None, out_dir: Path
             "tensor_shape": "x".join(map(str, f.get("tensor_shape", []))), "source_hash": p.get("source_hash", ""),
         })
     if cfg.splits_file:
-        _write_splits(Path(cfg.splits_file), rows)
+        write_splits(Path(cfg.splits_file), [r.__dict__ for r in rows if not r.problem])
     plan["counts"] = dict(Counter(f"{x['split']}/{x['status']}" for x in records))
     save_json(out / "plan.json", plan)
     _write_index(out / "index.csv", records)
@@ -354,15 +354,14 @@ def _fill_splits(rows: list[CaseRow], valid: list[CaseRow], params: Params) -> N
     valid[:] = [r for r in rows if not r.problem]
 
 
-def _write_splits(path: Path, rows: list[CaseRow]) -> None:
+def write_splits(path: Path, rows: list[dict]) -> None:
     """The split of every valid row, for review and reuse (put it in the manifest's `split` to pin it)."""
     def write(tmp):
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["case_id", "patient_id", "label", "split"])
             for r in rows:
-                if not r.problem:
-                    w.writerow([r.case_id, r.patient_id, r.label, r.split])
+                w.writerow([r["case_id"], r["patient_id"], r["label"], r["split"]])
 
     _atomic_write(path, write)
 

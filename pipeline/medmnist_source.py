@@ -44,7 +44,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.config import MedMNISTConfig, Params
-from pipeline.ingest import IngestFailed, IngestSummary, _write_index, save_json, save_npy
+from pipeline.ingest import IngestFailed, IngestSummary, _write_index, save_json, save_npy, write_splits
 from pipeline.plan import PLAN_VERSION
 
 READER_VERSION = "1"  # bump when tensors would come out differently, to invalidate tensors/.key
@@ -299,6 +299,8 @@ def run_medmnist(params: Params, out_dir: Path | None = None, progress: bool = T
     }
     save_json(out / "plan.json", plan)
     _write_index(out / "index.csv", records)
+    if params.ingest.splits_file:
+        write_splits(Path(params.ingest.splits_file), records)  # the official splits
     summary = IngestSummary(
         n_rows=len(records), n_ok=len(records), n_rejected=0, reasons={}, n_cached=0,
         n_reused=len(records) if reuse else 0, seconds=time.perf_counter() - t0,
