@@ -187,8 +187,8 @@ def register(params: Path = PARAMS_OPT) -> None:
     gate = r["gate"]
     table = Table(title="register summary", show_header=False)
     table.add_row("model version", f"{r['model_name']} v{r['version']} ({', '.join(r['aliases'])})")
-    table.add_row("gate", "[green]passed: champion" if gate.get("passed") else f"[yellow]not promoted: "
-                  f"{gate.get('reason', '')}")
+    table.add_row("gate", "[green]passed: champion" if gate.get("passed") else "[yellow]not promoted: " +
+                  "; ".join(gate.get("reasons") or []))
     table.add_row("champion now", f"v{r['champion']}" if r.get("champion") else "none")
     table.add_row("model card", r["model_card"])
     table.add_row("load it", f"mlflow.pyfunc.load_model('models:/{r['model_name']}@champion')")
