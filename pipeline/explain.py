@@ -284,14 +284,8 @@ def _log_mlflow(params: Params, out: Path, sanity: dict) -> None:
 
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
     with mlflow.start_run(run_id=json.loads(run_file.read_text())["run_id"]):
-        flat = {}
-        for key, vals in sanity.items():
-            if isinstance(vals, dict):
-                for k, v in vals.items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        flat[f"saliency_{key}_{k}"] = float(v)
-                    elif isinstance(v, bool):
-                        flat[f"saliency_{key}_{k}"] = float(v)
+        flat = {f"saliency_{key}_{k}": float(v) for key, vals in sanity.items() if isinstance(vals, dict)
+                for k, v in vals.items() if isinstance(v, (int, float))}  # bools included, as 0/1
         mlflow.log_metrics(flat)
         mlflow.log_artifact(str(out / "report.html"), "explain")
         mlflow.log_artifact(str(out / "contact_sheet.png"), "explain")

@@ -57,29 +57,14 @@ def load_registered(model_uri: str):
     return pyfunc, impl
 
 
-def native_saliency_function():
-    """`native_saliency` from the explain stage (`pipeline.explain`, or `pipeline.saliency` where it lives);
-    ImportError when neither provides it."""
-    import importlib
-
-    for module in ("pipeline.explain", "pipeline.saliency"):
-        try:
-            fn = getattr(importlib.import_module(module), "native_saliency", None)
-        except ImportError:
-            continue
-        if fn is not None:
-            return fn
-    raise ImportError("native_saliency is not available (neither pipeline.explain nor pipeline.saliency has it)")
-
-
 def _saliency(impl, prep: dict, out: Path, sid: str, class_index: int, method: str, target_layer: str) -> str:
     """Grad-CAM of the decided class, taken back to the study's native grid, written as NIfTI."""
     import torch
 
     from pipeline.io.nifti import write_nifti
     from pipeline.io.volume import Volume
+    from pipeline.saliency import native_saliency
 
-    native_saliency = native_saliency_function()
     sal = native_saliency(impl.model, torch.from_numpy(prep["tensor"]), prep["tensor_affine"], prep["native_shape"],
                           prep["native_affine"], class_index=class_index, method=method, target_layer=target_layer)
     name = f"{sid}_saliency.nii.gz"

@@ -112,7 +112,7 @@ def test_a_batch_reports_bad_studies_and_keeps_going_without_phi(served, tmp_pat
 
 
 def test_nifti_study_with_modality_and_optional_saliency(served, tmp_path):
-    from pipeline.predict import native_saliency_function, run_predict
+    from pipeline.predict import run_predict
 
     out = tmp_path / "out"
     summary = run_predict(CHAMPION, [served["mr"].path], out, modality="MR", saliency=True,
@@ -120,11 +120,6 @@ def test_nifti_study_with_modality_and_optional_saliency(served, tmp_path):
     rec = summary["records"][0]
     assert rec["status"] == "ok" and rec["modality"] == "MR"
     assert rec["probabilities"]["1"] == pytest.approx(served["evaluated"][served["mr"].case_id], abs=1e-4)
-    try:
-        native_saliency_function()  # the explain stage's; may not exist yet
-    except ImportError:
-        assert rec["saliency"] is None and "saliency_error" in rec  # a missing map never costs the prediction
-        return
     import nibabel as nib
 
     overlay = nib.load(str(out / rec["saliency"]))
