@@ -244,7 +244,8 @@ def predict(
     p = _params(params)
     uri = model or f"models:/{p.register.model_name}@champion"
     r = run_predict(uri, paths, out, modality=modality, saliency=saliency, tracking_uri=p.mlflow.tracking_uri,
-                    progress=sys.stderr.isatty(), target_layer=p.explain.target_layer)
+                    progress=sys.stderr.isatty(), saliency_method=p.explain.method,
+                    target_layer=p.explain.target_layer, saliency_shifts=p.explain.shifts)
     table = Table(title=f"predict: {r['model']['name']} v{r['model']['version']}")
     for col in ("study", "status", "result"):
         table.add_column(col)

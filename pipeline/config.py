@@ -124,8 +124,16 @@ class ModelConfig(_Strict):
     # 2D models on 3D tensors: this many axial slices per case, features max-pooled over slices.
     slices_2d: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # Global pooling of the last stage: avg (MONAI's default) or max (small focal findings).
-    pool: Literal["avg", "max"] = "avg"
+    # Global pooling of the last stage: avg (MONAI's default), max (of each feature), or lse: a
+    # 1x1-conv class score per cell, log-sum-exp pooled (ChestX-ray8's head), which keeps a
+    # finding's evidence where the finding is, so Grad-CAM can point at it.
+    pool: Literal["avg", "max", "lse"] = "avg"
+    # Total downsampling of the last residual stage (ResNets): 32 is the classic network; 16 or 8
+    # replace the stride of layer4 (and layer3) by dilation (Yu et al., "Dilated Residual Networks",
+    # 2017) so the stage Grad-CAM reads has 2-4x the resolution per axis, same weights. On 48^3
+    # inputs: 2^3 cells at 32, 6^3 at 8 (a 2^3 map cannot point at anything smaller than an octant).
+    output_stride: Literal[8, 16, 32] = 32
+    padding: Literal["zeros", "replicate"] = "zeros"
     # Local MedicalNet-format weights (3D ResNets); never downloaded at run time.
     pretrained_path: Path | None = None
 
@@ -176,6 +184,9 @@ class ExplainConfig(_Strict):
     out_dir: Path = Path("reports/explain")
     method: Literal["gradcam", "gradcampp"] = "gradcam"
     target_layer: str = "layer4"  # module name in the network (the last residual stage)
+    # Shifted re-runs per axis whose cells are interleaved (pipeline/saliency.py): 2 halves the
+    # map's cell size at 2^3 = 8x the work; 1 = the plain map.
+    shifts: int = Field(2, ge=1, le=4)
     # Explain the predicted class (null) or always this class index.
     class_index: int | None = None
     splits: list[str] = ["test"]

@@ -27,7 +27,7 @@ from pipeline.config import Params
 from pipeline.data import load_split
 from pipeline.ingest import save_json
 from pipeline.io.volume import Volume
-from pipeline.saliency import randomized_copy, saliency, to_native
+from pipeline.saliency import class_map, randomized_copy, saliency, to_native
 
 
 def _masks(params: Params) -> dict[str, Path]:
@@ -40,10 +40,14 @@ def _masks(params: Params) -> dict[str, Path]:
 
 
 def _spearman_ssim(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    import warnings
+
     from scipy.stats import spearmanr
     from skimage.metrics import structural_similarity
 
-    rho = spearmanr(a.ravel(), b.ravel()).statistic
+    with warnings.catch_warnings():  # a constant map (e.g. all-zero after ReLU) has no rank order: rho = 0
+        warnings.simplefilter("ignore")
+        rho = spearmanr(a.ravel(), b.ravel()).statistic
     ssim = structural_similarity(a, b, data_range=1.0, win_size=min(7, *[s | 1 for s in a.shape if s >= 3] or [3]))
     return float(np.nan_to_num(rho)), float(ssim)
 
@@ -115,11 +119,11 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
             x = data.images[n]
             side = json.loads((ingest_dir / "tensors" / f"{cid}.json").read_text()) \
                 if (ingest_dir / "tensors" / f"{cid}.json").exists() else {}
-            cam, cls, _ = saliency(model, x, cfg.class_index, cfg.method, cfg.target_layer)
+            cam, cls, _ = saliency(model, x, cfg.class_index, cfg.method, cfg.target_layer, cfg.shifts)
             with torch.no_grad():
                 logits = model(x.unsqueeze(0).float()).double()
                 probs = torch.softmax(logits / temperature, dim=1)[0].numpy()
-            cam_rand, _, _ = saliency(rand, x, cls, cfg.method, cfg.target_layer)
+            cam_rand, _, _ = saliency(rand, x, cls, cfg.method, cfg.target_layer, cfg.shifts)
             rand_stats.append(_spearman_ssim(cam, cam_rand))
             label = int(data.labels[n])
             p_pos = float(probs[1]) if len(probs) == 2 else float(probs.max())
@@ -132,8 +136,15 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
 
                 write_nifti(Volume(native, np.asarray(side["native_affine"]), {"integer_valued": False}), out / rel)
                 overlays.append((cid, native, side))
-                if label == 1 and cid in masks and masks[cid].exists():
-                    loc.append(_native_localization(native, masks[cid], side))
+                if label > 0 and cid in masks and masks[cid].exists():
+                    # The pointing game asks about the annotated class (Zhang et al. 2016), also
+                    # where the model decided otherwise.
+                    if cls != label:
+                        own = class_map(model, x.unsqueeze(0).float(), label, cfg.method, cfg.target_layer, cfg.shifts)
+                        own = to_native(own, side["tensor_affine"], side["native_shape"], side["native_affine"])
+                    else:
+                        own = native
+                    loc.append(_native_localization(own, masks[cid], side))
             image = x[0].numpy()
             title = f"{cid}: {names[cls] if cls < len(names) else cls} map, p={p_pos:.2f}"
             cases.append({

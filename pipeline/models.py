@@ -6,6 +6,7 @@ rebuilds the exact network without the training code's state.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +34,9 @@ class ModelSpec:
     conv1_t_size: int = 7
     slices_2d: int = 16
     dropout: float = 0.0
-    pool: str = "avg"  # global pooling of the last stage: avg (MONAI's) or max
+    pool: str = "avg"  # global pooling of the last stage: avg (MONAI's), max, or lse (class-evidence maps)
+    output_stride: int = 32  # 16 / 8: layer4 (and layer3) dilated instead of strided
+    padding: str = "zeros"  # convolutions' padding mode: zeros (MONAI's) or replicate
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,18 +70,44 @@ class PlainCNN(nn.Module):
         return self.head(self.pool(self.block2(self.block1(x))))
 
 
+class EvidencePool(nn.Module):
+    """Head that scores every cell of the last stage, then pools the class-evidence maps by
+    log-sum-exp (Pinheiro & Collobert 2015; Wang et al. 2017, ChestX-ray8).
+
+    With average pooling a network may show its evidence anywhere its (whole-volume) receptive
+    field reaches, e.g. as a constant offset at the borders, and Grad-CAM then points there. Here
+    a negative case's highest-scoring cell must stay low, so normal tissue scores low everywhere
+    and the case's score rises only where the finding is: the map Grad-CAM reads is that score.
+    `sharpness` r moves between the mean (r -> 0) and the max (r -> inf).
+    """
+
+    def __init__(self, spatial_dims: int, in_features: int, n_classes: int, sharpness: float = 5.0):
+        super().__init__()
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        self.evidence = conv(in_features, n_classes, kernel_size=1)
+        self.sharpness = sharpness
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.evidence(x).flatten(2)  # (B, classes, cells)
+        r = self.sharpness
+        return (torch.logsumexp(r * e, dim=-1) - math.log(e.shape[-1])) / r
+
+
 class SliceMIL(nn.Module):
     """A 2D backbone applied to axial slices of a volume; slice features max-pooled per case.
 
     Input (B, C, X, Y, Z): `n_slices` evenly spaced k-slices are classified as a bag, so a
     lesion visible on a few slices drives the case's prediction (multiple-instance learning).
+    With `n_features=None` the backbone scores each slice itself (an `EvidencePool` head) and the
+    slices' scores are log-sum-exp pooled with the same sharpness.
     """
 
-    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int, n_slices: int, dropout: float = 0.0):
+    def __init__(self, backbone: nn.Module, n_features: int | None, n_classes: int, n_slices: int,
+                 dropout: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.n_slices = n_slices
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_features, n_classes))
+        self.head = None if n_features is None else nn.Sequential(nn.Dropout(dropout), nn.Linear(n_features, n_classes))
 
     def slice_index(self, depth: int) -> torch.Tensor:
         n = min(self.n_slices, depth)
@@ -89,6 +118,9 @@ class SliceMIL(nn.Module):
         idx = self.slice_index(x.shape[-1]).to(x.device)
         slices = x.index_select(-1, idx).permute(0, 4, 1, 2, 3).reshape(b * len(idx), c, *x.shape[2:4])
         feats = self.backbone(slices).reshape(b, len(idx), -1)
+        if self.head is None:
+            r = self.backbone.avgpool.sharpness
+            return (torch.logsumexp(r * feats, dim=1) - math.log(len(idx))) / r
         return self.head(feats.max(dim=1).values)
 
 
@@ -101,11 +133,37 @@ def _resnet(spec: ModelSpec, feed_forward: bool) -> nn.Module:
         n_input_channels=spec.in_channels, num_classes=spec.n_classes, conv1_t_stride=spec.conv1_t_stride,
         conv1_t_size=spec.conv1_t_size, feed_forward=feed_forward, shortcut_type="B",
     )
-    if spec.pool == "max":
+    if spec.output_stride < 32:
+        _dilate_last_stages(net, ("layer4",) if spec.output_stride == 16 else ("layer3", "layer4"))
+    if spec.padding != "zeros":
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                m.padding_mode = spec.padding
+                # nn.ConvNd pads non-zero modes itself from this list, fixed at construction
+                m._reversed_padding_repeated_twice = [p for n in reversed(m.padding) for p in (n, n)]
+    if spec.pool == "lse":
+        net.avgpool = EvidencePool(spec.spatial_dims, net.fc.in_features, spec.n_classes)
+        net.fc = None  # the head is the evidence convolution (MONAI's forward skips a None fc)
+    elif spec.pool == "max":
         # Max pooling makes the decision hinge on the strongest local evidence (a small lesion)
         # instead of its average over the volume; gradients, and so Grad-CAM, follow that location.
         net.avgpool = nn.AdaptiveMaxPool3d(1) if spec.spatial_dims == 3 else nn.AdaptiveMaxPool2d(1)
     return net
+
+
+def _dilate_last_stages(net: nn.Module, stages: tuple[str, ...]) -> None:
+    """Replace the stride-2 entry of `stages` by dilation (torchvision's `replace_stride_with_dilation`,
+    which MONAI's ResNet lacks). Parameters are unchanged, so pretrained weights still load; only
+    the last stages' resolution (and cost) grows."""
+    dilation = 1
+    for name in stages:
+        dilation *= 2
+        for m in getattr(net, name).modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                m.stride = (1,) * len(m.stride)
+                if max(m.kernel_size) > 1:
+                    m.dilation = (dilation,) * len(m.dilation)
+                    m.padding = tuple(dilation * (k // 2) for k in m.kernel_size)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -120,6 +178,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
         raise ValueError(f"unknown model {spec.name!r}; choose one of {sorted(RESNET_LAYERS) + ['plain_cnn']}")
     if spec.spatial_dims == 2 and spec.input_ndim == 3:
         n_features = 2048 if RESNET_LAYERS[spec.name][0] == "bottleneck" else 512
+        if spec.pool == "lse":  # slices scored by the backbone's evidence head, then pooled
+            return SliceMIL(_resnet(spec, feed_forward=True), None, spec.n_classes, spec.slices_2d)
         return SliceMIL(_resnet(spec, feed_forward=False), n_features, spec.n_classes, spec.slices_2d, spec.dropout)
     if spec.spatial_dims != spec.input_ndim:
         raise ValueError(f"a {spec.spatial_dims}D network cannot take {spec.input_ndim}D inputs")

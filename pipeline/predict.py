@@ -57,7 +57,8 @@ def load_registered(model_uri: str):
     return pyfunc, impl
 
 
-def _saliency(impl, prep: dict, out: Path, sid: str, class_index: int, method: str, target_layer: str) -> str:
+def _saliency(impl, prep: dict, out: Path, sid: str, class_index: int, method: str, target_layer: str,
+              shifts: int) -> str:
     """Grad-CAM of the decided class, taken back to the study's native grid, written as NIfTI."""
     import torch
 
@@ -66,7 +67,8 @@ def _saliency(impl, prep: dict, out: Path, sid: str, class_index: int, method: s
     from pipeline.saliency import native_saliency
 
     sal = native_saliency(impl.model, torch.from_numpy(prep["tensor"]), prep["tensor_affine"], prep["native_shape"],
-                          prep["native_affine"], class_index=class_index, method=method, target_layer=target_layer)
+                          prep["native_affine"], class_index=class_index, method=method, target_layer=target_layer,
+                          shifts=shifts)
     name = f"{sid}_saliency.nii.gz"
     write_nifti(Volume(data=np.asarray(sal, dtype=np.float32), affine=np.asarray(prep["native_affine"]), meta={}),
                 out / name)
@@ -101,7 +103,7 @@ def predict_one(impl, path: Path | str, modality: str | None = None) -> tuple[di
 
 def run_predict(model_uri: str, paths: list[Path | str], out_dir: Path | str, modality: str | None = None,
                 saliency: bool = False, tracking_uri: str | None = None, progress: bool = True,
-                saliency_method: str = "gradcam", target_layer: str = "layer4") -> dict:
+                saliency_method: str = "gradcam", target_layer: str = "layer4", saliency_shifts: int = 1) -> dict:
     """Predict every study in `paths`; writes OUT/<study-id>.json (and a saliency NIfTI with `saliency`)."""
     import mlflow
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -129,7 +131,7 @@ def run_predict(model_uri: str, paths: list[Path | str], out_dir: Path | str, mo
             if saliency and prep is not None:
                 try:
                     rec["saliency"] = _saliency(impl, prep, out, sid, rec["decision"]["index"], saliency_method,
-                                                target_layer)
+                                                target_layer, saliency_shifts)
                 except Exception as err:  # noqa: BLE001 - a failed map must not lose the prediction
                     rec["saliency"] = None
                     rec["saliency_error"] = f"{type(err).__name__}: {str(err)[:200]}"

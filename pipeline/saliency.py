@@ -1,16 +1,29 @@
 """Grad-CAM / Grad-CAM++ maps for the ResDx networks, and their way back to the scanner grid.
 
-Built on `monai.visualize`. Two places where it falls short are handled here:
-- its default normalizer maps (min, max) to (1, 0), i.e. flips the map (MONAI tutorials
-  issue 1796): we pass our own, so high always means "supports the class";
-- `class_idx` is one index for the whole batch (MONAI issue 8573): we explain one case at a
-  time, each for its own class.
-For 2D networks applied to slices of a volume (`SliceMIL`), MONAI's upsampler would resize
-slice maps to the volume's shape; we compute the map per slice on the 2D backbone and place
-the slices back at their k positions.
+The maps are `monai.visualize` GradCAM / GradCAMpp `compute_map`s (class-weighted activations of
+the target layer, ReLU'd). Where MONAI falls short, this module does the rest itself:
+- polarity: its default normalizer maps (min, max) to (1, 0), i.e. flips the map (MONAI tutorials
+  issue 1796); ours keeps high = "supports the class";
+- one class per call: `class_idx` is one index for the whole batch (MONAI issue 8573), so each
+  case is explained on its own, for its own class;
+- target: the class's logit minus the mean logit. Softmax ignores any term shared by all logits,
+  so the raw logit's map can show evidence that favours no class; for two classes this is half
+  the log-odds;
+- geometry: its upsampler (`F.interpolate(align_corners=False)`) stretches the coarse map over the
+  input as if feature cell i were centred at (i + 0.5) * stride - 0.5; in a ResNet ('same'-padded
+  convolutions) cell i is centred on input voxel i * stride: at stride 8 that is 3.5 voxels off.
+  We interpolate on the network's own sampling grid, with a cubic spline;
+- resolution: a stride-s stage samples the evidence every s voxels, coarser than a small lesion.
+  `shifts` > 1 re-runs the map on copies of the input shifted by s / shifts voxels per axis and
+  interleaves the cells (exact for a translation-equivariant network, e.g. replicate padding),
+  in the spirit of Morbidelli et al., "Augmented Grad-CAM" (ICASSP 2020).
+For 2D networks applied to slices of a volume (`SliceMIL`) the map is computed per slice on the
+2D backbone and the slices are placed back at their k positions.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -20,19 +33,68 @@ from pipeline.models import SliceMIL
 from pipeline.preprocess import resample_to_grid
 
 
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample scaling to [0, 1], keeping polarity (MONAI's default flips it)."""
-    flat = x.reshape(x.shape[0], -1)
-    lo = flat.min(dim=1).values.view(-1, *([1] * (x.ndim - 1)))
-    hi = flat.max(dim=1).values.view(-1, *([1] * (x.ndim - 1)))
-    return (x - lo) / (hi - lo).clamp(min=1e-12)
+def _minmax(x: np.ndarray) -> np.ndarray:
+    """Scaling to [0, 1], keeping polarity (MONAI's default normalizer flips it)."""
+    lo, hi = float(x.min()), float(x.max())
+    return ((x - lo) / max(hi - lo, 1e-12)).astype(np.float32)
+
+
+class _Centered(nn.Module):
+    """Logits minus their mean over classes: the part of each class score softmax sees."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        return logits - logits.mean(dim=1, keepdim=True)
+
+
+def _stride(n_in: int, n_feat: int) -> int | None:
+    """The power-of-two stride s with ceil(n_in / s) == n_feat ('same'-padded stages), else None."""
+    s = 1
+    while s <= n_in:
+        if -(-n_in // s) == n_feat:
+            return s
+        s *= 2
+    return None
+
+
+def _positions(n_in: int, n_feat: int, step: float | None) -> np.ndarray:
+    """Each input voxel's coordinate on the feature grid."""
+    if step is None or n_feat == 1:  # not a 'same'-padded net (plain CNN): MONAI's grid
+        return (np.arange(n_in) + 0.5) * n_feat / n_in - 0.5
+    return np.arange(n_in) / step  # cell i sits on voxel i * step
+
+
+def upsample(cells: np.ndarray, spatial_size, steps) -> np.ndarray:
+    """Cubic-spline interpolation of a cell grid to `spatial_size` voxels, cell i at voxel i * step
+    (step None: MONAI's stretched grid). Clipped at 0 (a spline overshoots around sharp peaks)."""
+    from scipy.ndimage import map_coordinates
+
+    axes = [_positions(int(n), c, st) for n, c, st in zip(spatial_size, cells.shape, steps)]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"))
+    out = map_coordinates(cells.astype(np.float64), coords, order=3, mode="nearest")
+    return np.clip(out, 0.0, None)
+
+
+def _shift(x: torch.Tensor, offsets) -> torch.Tensor:
+    """x[..., p + d] per spatial axis (edge voxels repeated past the end)."""
+    for axis, d in enumerate(offsets):
+        if d:
+            n = x.shape[2 + axis]
+            idx = torch.clamp(torch.arange(n, device=x.device) + int(d), max=n - 1)
+            x = x.index_select(2 + axis, idx)
+    return x
 
 
 def _cam(model: nn.Module, layer: str, method: str):
     from monai.visualize import GradCAM, GradCAMpp
 
     cls = GradCAMpp if method == "gradcampp" else GradCAM
-    return cls(nn_module=model, target_layers=layer, postprocessing=_minmax)
+    # MONAI restores the wrapper's training flag onto the whole network after each call: give it the network's
+    return cls(nn_module=_Centered(model).train(model.training), target_layers=f"net.{layer}")
 
 
 def resolve_layer(model: nn.Module, target_layer: str) -> str:
@@ -47,36 +109,51 @@ def resolve_layer(model: nn.Module, target_layer: str) -> str:
     raise ValueError(f"explain.target_layer={target_layer!r} is not a layer of this network; choose one of {top}")
 
 
+def class_map(model: nn.Module, xb: torch.Tensor, cls: int, method: str = "gradcam", target_layer: str = "layer4",
+              shifts: int = 1) -> np.ndarray:
+    """The map of class `cls` for a batch of one (1, C, *spatial), in the input grid, in [0, 1]."""
+    if isinstance(model, SliceMIL):
+        return _slice_mil_cam(model, xb, cls, method, resolve_layer(model.backbone, target_layer))
+    cam = _cam(model, resolve_layer(model, target_layer), method)
+    first = cam.compute_map(xb, class_idx=cls)[0, 0].detach().cpu().numpy()
+    size = xb.shape[2:]
+    strides = [_stride(int(n), c) for n, c in zip(size, first.shape)]
+    k = shifts if all(s is not None and s % shifts == 0 and c > 1 for s, c in zip(strides, first.shape)) else 1
+    if k == 1:
+        return _minmax(upsample(first, size, strides))
+    fine = np.zeros([c * k for c in first.shape], dtype=np.float64)
+    for offs in itertools.product(range(k), repeat=len(size)):
+        part = first if not any(offs) else cam.compute_map(
+            _shift(xb, [o * s // k for o, s in zip(offs, strides)]), class_idx=cls)[0, 0].detach().cpu().numpy()
+        fine[tuple(slice(o, None, k) for o in offs)] = part
+    return _minmax(upsample(fine, size, [s / k for s in strides]))
+
+
 def saliency(model: nn.Module, x: torch.Tensor, class_index: int | None = None, method: str = "gradcam",
-             target_layer: str = "layer4") -> tuple[np.ndarray, int, np.ndarray]:
+             target_layer: str = "layer4", shifts: int = 1) -> tuple[np.ndarray, int, np.ndarray]:
     """Map for one case `x` (C, *spatial) in the tensor grid, in [0, 1].
 
     Returns (map with x's spatial shape, the explained class, the class probabilities).
     """
     model.eval()
-    inner = model.backbone if isinstance(model, SliceMIL) else model
-    target_layer = resolve_layer(inner, target_layer)
     xb = x.unsqueeze(0).float()
     with torch.no_grad():
         probs = torch.softmax(model(xb), dim=1)[0]
     cls = int(probs.argmax()) if class_index is None else int(class_index)
-    if isinstance(model, SliceMIL):
-        cam_map = _slice_mil_cam(model, xb, cls, method, target_layer)
-    else:
-        cam_map = _cam(model, target_layer, method)(xb, class_idx=cls)[0, 0]
-    return cam_map.detach().cpu().numpy().astype(np.float32), cls, probs.detach().cpu().numpy()
+    return class_map(model, xb, cls, method, target_layer, shifts), cls, probs.detach().cpu().numpy()
 
 
-def _slice_mil_cam(model: SliceMIL, xb: torch.Tensor, cls: int, method: str, target_layer: str) -> torch.Tensor:
-    """Grad-CAM of the bag's class score w.r.t. the 2D backbone's layer, slice by slice."""
+def _slice_mil_cam(model: SliceMIL, xb: torch.Tensor, cls: int, method: str, target_layer: str) -> np.ndarray:
+    """Grad-CAM of the bag's centred class score w.r.t. the 2D backbone's layer, slice by slice
+    (MONAI's CAM classes explain the network they wrap; here the layer runs once per slice)."""
     layer = dict(model.backbone.named_modules())[target_layer]
     store: dict = {}
     h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("act", o))
     h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__("grad", go[0]))
     try:
         model.zero_grad(set_to_none=True)
-        score = model(xb.requires_grad_(True))[0, cls]
-        score.backward()
+        logits = model(xb.requires_grad_(True))[0]
+        (logits[cls] - logits.mean()).backward()
     finally:
         h1.remove()
         h2.remove()
@@ -87,12 +164,14 @@ def _slice_mil_cam(model: SliceMIL, xb: torch.Tensor, cls: int, method: str, tar
         weights = (alpha * torch.relu(grad)).sum(dim=(2, 3), keepdim=True)
     else:
         weights = grad.mean(dim=(2, 3), keepdim=True)
-    cams = torch.relu((weights * act).sum(dim=1, keepdim=True))  # (S, 1, h, w)
-    cams = nn.functional.interpolate(cams, size=xb.shape[2:4], mode="bilinear", align_corners=False)[:, 0]
-    out = torch.zeros(xb.shape[2:], device=xb.device)
-    idx = model.slice_index(xb.shape[-1])
-    out[..., idx] = cams.permute(1, 2, 0)
-    return _minmax(out[None])[0]
+    cams = torch.relu((weights * act).sum(dim=1)).detach().cpu().numpy()  # (S, h, w)
+    size = xb.shape[2:4]
+    strides = [_stride(int(n), c) for n, c in zip(size, cams.shape[1:])]
+    out = np.zeros(tuple(xb.shape[2:]), dtype=np.float64)
+    idx = model.slice_index(xb.shape[-1]).numpy()
+    for j, k in enumerate(idx):
+        out[..., k] = upsample(cams[j], size, strides)
+    return _minmax(out)
 
 
 def to_native(cam_map: np.ndarray, tensor_affine: np.ndarray, native_shape, native_affine: np.ndarray
@@ -105,10 +184,10 @@ def to_native(cam_map: np.ndarray, tensor_affine: np.ndarray, native_shape, nati
 
 
 def native_saliency(model: nn.Module, tensor: torch.Tensor, tensor_affine, native_shape, native_affine,
-                    class_index: int | None = None, method: str = "gradcam", target_layer: str = "layer4"
-                    ) -> np.ndarray:
+                    class_index: int | None = None, method: str = "gradcam", target_layer: str = "layer4",
+                    shifts: int = 1) -> np.ndarray:
     """One case's map on its native grid: what `resdx predict --saliency` writes as an overlay."""
-    cam_map, _, _ = saliency(model, tensor, class_index, method, target_layer)
+    cam_map, _, _ = saliency(model, tensor, class_index, method, target_layer, shifts)
     if cam_map.ndim == 2:
         return cam_map
     return to_native(cam_map, tensor_affine, native_shape, native_affine)

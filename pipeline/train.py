@@ -76,6 +76,7 @@ def model_spec(params: Params, train: CaseSet, plan: dict) -> ModelSpec:
         n_classes=max(2, n_classes),
         input_ndim=input_ndim, conv1_t_stride=params.model.conv1_t_stride, conv1_t_size=params.model.conv1_t_size,
         slices_2d=params.model.slices_2d, dropout=params.model.dropout, pool=params.model.pool,
+        output_stride=params.model.output_stride, padding=params.model.padding,
     )
 
 

@@ -14,7 +14,7 @@ from conftest import tiny_params
 from torch import nn
 
 from pipeline.config import params_from_dict
-from pipeline.saliency import randomized_copy, saliency
+from pipeline.saliency import _stride, class_map, randomized_copy, saliency, upsample
 
 
 class _BlobDetector(nn.Module):
@@ -44,6 +44,62 @@ def test_map_polarity_high_means_supports_the_class(method):
     assert cls == 1 and probs[1] > 0.5
     assert np.unravel_index(int(np.argmax(cam)), cam.shape) == (11, 4, 6)  # MONAI's default normalizer would invert
     assert cam.min() >= 0 and cam.max() == pytest.approx(1.0)
+
+
+def test_cells_sit_on_the_networks_sampling_grid():
+    assert [_stride(48, 6), _stride(48, 2), _stride(50, 7), _stride(48, 48), _stride(48, 10)] == [8, 32, 8, 1, None]
+    cells = np.zeros((6, 6, 6))
+    cells[2, 3, 1] = 1.0
+    up = upsample(cells, (48, 48, 48), [8, 8, 8])
+    # cell i of a 'same'-padded stride-8 stage is centred on voxel 8 i (MONAI's stretched grid: 8 i + 3.5)
+    assert np.unravel_index(int(np.argmax(up)), up.shape) == (16, 24, 8)
+    assert up.min() >= 0.0
+    np.testing.assert_allclose(upsample(cells, (6, 6, 6), [1, 1, 1]), cells, atol=1e-12)  # stride 1: identity
+
+
+class _StridedDetector(nn.Module):
+    """Class 1 = bright regions, seen through a mean filter sampled every `stride` voxels."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.layer4 = nn.Sequential(nn.Conv3d(1, 2, 3, stride=stride, padding=1, padding_mode="replicate"), nn.ReLU())
+        with torch.no_grad():
+            self.layer4[0].weight.fill_(1.0 / 27)
+            self.layer4[0].bias.copy_(torch.tensor([-0.1, -0.3]))
+        self.fc = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[-1.0, -0.5], [1.0, 0.5]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(self.layer4(x).amax(dim=(2, 3, 4)))
+
+
+def test_shifted_runs_interleave_into_the_finer_networks_map():
+    """Stride 4 with 2 shifts per axis samples exactly the cells of the same network at stride 2."""
+    x = torch.zeros(1, 1, 24, 24, 24)
+    x[0, 0, 9:13, 7:10, 12:17] = 1.0
+    x[0, 0, 10, 8, 14] = 2.0
+    fine = class_map(_StridedDetector(4).eval(), x, 1, shifts=2)
+    reference = class_map(_StridedDetector(2).eval(), x, 1, shifts=1)
+    np.testing.assert_allclose(fine, reference, atol=1e-5)
+    coarse = class_map(_StridedDetector(4).eval(), x, 1, shifts=1)
+    assert np.abs(coarse - reference).max() > 0.05  # the shifts add information
+
+
+def test_pointing_game_and_energy_share_against_the_random_baseline():
+    from pipeline.explain import _localization
+
+    mask = np.zeros((10, 10, 10), bool)
+    mask[2:4, 2:4, 2:4] = True
+    cam = np.zeros((10, 10, 10))
+    cam[3, 3, 3] = 1.0
+    cam[8, 8, 8] = 0.5
+    loc = _localization(cam, mask)
+    assert loc["hit"] and loc["inside"] == pytest.approx(1.0 / 1.5)
+    assert loc["random_hit"] == loc["random_inside"] == pytest.approx(8 / 1000)
+    cam[8, 8, 8] = 2.0
+    assert not _localization(cam, mask)["hit"]
 
 
 def test_randomized_copy_changes_every_parameter():
