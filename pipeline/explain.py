@@ -219,7 +219,9 @@ def _report_summary(params: Params, info: dict, sanity: dict) -> dict:
         "title": "ResDx saliency review",
         "model": {"name": info["spec"]["name"], "spatial_dims": info["spec"]["spatial_dims"],
                   "run_id": info.get("mlflow_run_id", ""), "git_commit": git_commit(),
-                  "best_val_auroc": info.get("best_val_auroc")},
+                  "best_val_auroc": info.get("best_val_auroc"),
+                  "saliency_map": f"{params.explain.method} of {params.explain.target_layer}, "
+                                  f"{params.explain.shifts} shift(s) per axis"},
         "data": {"data_hash": info.get("data_hash", ""), "source": info.get("source", "")},
         "metrics": {k: metrics[k] for k in ("val", "test", "calibration") if k in metrics},
         "calibration_png": calib_png.read_bytes() if calib_png.exists() else None,

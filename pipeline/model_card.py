@@ -232,7 +232,9 @@ def build_model_card(params: Params, models_dir: Path | str | None = None, repor
         "",
         f"- Architecture: {spec.get('name', 'n/a')} (MONAI), {spec.get('spatial_dims', '?')}D, "
         f"{spec.get('in_channels', '?')} input channel(s), {spec.get('n_classes', '?')} outputs; stem stride "
-        f"{spec.get('conv1_t_stride', 'n/a')}; dropout {spec.get('dropout', 'n/a')}. "
+        f"{spec.get('conv1_t_stride', 'n/a')}; output stride {spec.get('output_stride', 32)}; "
+        f"{spec.get('padding', 'zeros')} padding; {spec.get('pool', 'avg')} pooling head; "
+        f"dropout {spec.get('dropout', 'n/a')}. "
         f"Initialisation: {'MedicalNet weights (local file)' if params.model.pretrained_path else 'random'}.",
         f"- Training: {t.optimizer}, lr {t.lr:g}, weight decay {t.weight_decay:g}, {t.schedule} schedule, batch "
         f"{t.batch_size}, up to {t.epochs} epochs with patience {t.patience}; class imbalance: {t.imbalance}; "

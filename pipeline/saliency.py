@@ -24,6 +24,7 @@ For 2D networks applied to slices of a volume (`SliceMIL`) the map is computed p
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -115,7 +116,16 @@ def class_map(model: nn.Module, xb: torch.Tensor, cls: int, method: str = "gradc
     if isinstance(model, SliceMIL):
         return _slice_mil_cam(model, xb, cls, method, resolve_layer(model.backbone, target_layer))
     cam = _cam(model, resolve_layer(model, target_layer), method)
-    first = cam.compute_map(xb, class_idx=cls)[0, 0].detach().cpu().numpy()
+
+    def cells(x: torch.Tensor) -> np.ndarray:
+        m = cam.compute_map(x, class_idx=cls)[0, 0].detach().cpu().double().numpy()
+        if method == "gradcampp":
+            # MONAI's Grad-CAM++ weights carry exp(class score), a factor that differs between
+            # shifted copies; divided out, interleaved cells share one scale.
+            m = m / math.exp(min(float(cam.nn_module.score.detach().float().mean()), 700.0))
+        return m
+
+    first = cells(xb)
     size = xb.shape[2:]
     strides = [_stride(int(n), c) for n, c in zip(size, first.shape)]
     k = shifts if all(s is not None and s % shifts == 0 and c > 1 for s, c in zip(strides, first.shape)) else 1
@@ -123,8 +133,7 @@ def class_map(model: nn.Module, xb: torch.Tensor, cls: int, method: str = "gradc
         return _minmax(upsample(first, size, strides))
     fine = np.zeros([c * k for c in first.shape], dtype=np.float64)
     for offs in itertools.product(range(k), repeat=len(size)):
-        part = first if not any(offs) else cam.compute_map(
-            _shift(xb, [o * s // k for o, s in zip(offs, strides)]), class_idx=cls)[0, 0].detach().cpu().numpy()
+        part = first if not any(offs) else cells(_shift(xb, [o * s // k for o, s in zip(offs, strides)]))
         fine[tuple(slice(o, None, k) for o in offs)] = part
     return _minmax(upsample(fine, size, [s / k for s in strides]))
 
