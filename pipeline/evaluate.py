@@ -215,17 +215,14 @@ def _csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 def _log_mlflow(params: Params, models_dir: Path, out: Path, result: dict) -> None:
     """Log metrics, figures and predictions to the training run."""
-    import json
 
-    run_file = models_dir / "mlflow_run.json"
-    if not params.mlflow.enabled or not run_file.exists():
+    from pipeline.tracking import flatten, training_run_id
+
+    run_id = training_run_id(params, models_dir)
+    if run_id is None:
         return
     import mlflow
 
-    from pipeline.tracking import flatten
-
-    run_id = json.loads(run_file.read_text())["run_id"]
-    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
     flat = {}
     for split in ("val", "test"):
         for k, v in flatten(result[split]).items():

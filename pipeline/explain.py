@@ -166,7 +166,7 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
         for c in cases:
             w.writerow([c["case_id"], c["split"], c["label"], f"{c['probability']:.6f}", c["decision"],
                         c["overlay_path"]])
-    _log_mlflow(params, out, sanity)
+    _log_mlflow(params, out, sanity, cases)
     return {"n_cases": len(cases), "sanity": sanity, "report": str(out / "report.html")}
 
 
@@ -289,17 +289,26 @@ def _write_dicom_overlays(params: Params, overlays: list, folder: Path, salt: by
     return written
 
 
-def _log_mlflow(params: Params, out: Path, sanity: dict) -> None:
-    run_file = Path(params.train.out_dir) / "mlflow_run.json"
-    if not params.mlflow.enabled or not run_file.exists():
+def _log_mlflow(params: Params, out: Path, sanity: dict, cases: list) -> None:
+    """Sanity numbers as metrics; report, contact sheet, sanity.json and each case's map (PNG) as artifacts."""
+    import tempfile
+
+    from pipeline.tracking import training_run_id
+
+    run_id = training_run_id(params, params.train.out_dir)
+    if run_id is None:
         return
     import mlflow
 
-    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
-    with mlflow.start_run(run_id=json.loads(run_file.read_text())["run_id"]):
+    with mlflow.start_run(run_id=run_id):
         flat = {f"saliency_{key}_{k}": float(v) for key, vals in sanity.items() if isinstance(vals, dict)
                 for k, v in vals.items() if isinstance(v, (int, float))}  # bools included, as 0/1
         mlflow.log_metrics(flat)
         mlflow.log_artifact(str(out / "report.html"), "explain")
         mlflow.log_artifact(str(out / "contact_sheet.png"), "explain")
         mlflow.log_artifact(str(out / "sanity.json"), "explain")
+        with tempfile.TemporaryDirectory(prefix="resdx-maps-") as tmp:
+            for c in cases:
+                for i, png in enumerate(c["images"]):
+                    (Path(tmp) / f"{c['case_id']}{'' if i == 0 else f'_{i}'}.png").write_bytes(png)
+            mlflow.log_artifacts(tmp, "explain/maps")

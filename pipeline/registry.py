@@ -323,7 +323,7 @@ def run_register(params: Params, models_dir: Path | str | None = None, reports_d
     from pipeline.data import load_split
     from pipeline.ingest import save_json
     from pipeline.model_card import write_model_card
-    from pipeline.tracking import git_commit
+    from pipeline.tracking import git_commit, training_run_id
 
     models_dir = Path(models_dir or params.train.out_dir)
     reports_dir = Path(reports_dir or params.evaluate.out_dir)
@@ -332,7 +332,7 @@ def run_register(params: Params, models_dir: Path | str | None = None, reports_d
     run_file = models_dir / "mlflow_run.json"
     if not run_file.exists():
         raise FileNotFoundError(f"{run_file} is missing: run the train stage first")
-    run_id = json.loads(run_file.read_text())["run_id"]
+    run_id = training_run_id(params, models_dir) or json.loads(run_file.read_text())["run_id"]
     info = json.loads((models_dir / "model.json").read_text())
     plan = json.loads((models_dir / "plan.json").read_text())
     metrics = json.loads((reports_dir / "metrics.json").read_text())

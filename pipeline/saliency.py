@@ -18,7 +18,7 @@ the target layer, ReLU'd). Where MONAI falls short, this module does the rest it
   interleaves the cells (exact for a translation-equivariant network, e.g. replicate padding),
   in the spirit of Morbidelli et al., "Augmented Grad-CAM" (ICASSP 2020).
 For 2D networks applied to slices of a volume (`SliceMIL`) the map is computed per slice on the
-2D backbone and the slices are placed back at their k positions.
+2D backbone, placed back at the slices' k positions and interpolated along k in between.
 """
 
 from __future__ import annotations
@@ -176,11 +176,14 @@ def _slice_mil_cam(model: SliceMIL, xb: torch.Tensor, cls: int, method: str, tar
     cams = torch.relu((weights * act).sum(dim=1)).detach().cpu().numpy()  # (S, h, w)
     size = xb.shape[2:4]
     strides = [_stride(int(n), c) for n, c in zip(size, cams.shape[1:])]
-    out = np.zeros(tuple(xb.shape[2:]), dtype=np.float64)
+    planes = np.stack([upsample(c, size, strides) for c in cams], axis=-1)  # (X, Y, S)
     idx = model.slice_index(xb.shape[-1]).numpy()
-    for j, k in enumerate(idx):
-        out[..., k] = upsample(cams[j], size, strides)
-    return _minmax(out)
+    if len(idx) == 1:
+        return _minmax(np.repeat(planes, xb.shape[-1], axis=-1))
+    # Slices between the bag's are interpolated along k, as the in-plane cells are upsampled.
+    from scipy.interpolate import interp1d
+
+    return _minmax(interp1d(idx, planes, axis=-1)(np.arange(xb.shape[-1])))
 
 
 def to_native(cam_map: np.ndarray, tensor_affine: np.ndarray, native_shape, native_affine: np.ndarray

@@ -182,3 +182,35 @@ def test_report_and_sanity_are_written(explained):
     assert {"spearman", "ssim", "passed"} <= set(sanity["randomization"])
     assert "hit_rate" in sanity["pointing_game"] and "random_baseline" in sanity["pointing_game"]
     assert (tmp / "explain/contact_sheet.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_slice_model_maps_fill_the_slices_between_the_bag():
+    from pipeline.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("resnet10", 2, 1, 2, 3, slices_2d=5, pool="lse", output_stride=8,
+                                  padding="replicate")).eval()
+    x = torch.randn(1, 32, 32, 17)
+    cam, _, _ = saliency(model, x, class_index=1, shifts=2)
+    assert cam.shape == (32, 32, 17) and cam.max() == pytest.approx(1.0)
+    idx = model.slice_index(17).tolist()  # [0, 4, 8, 12, 16]
+    for a, b in zip(idx, idx[1:]):
+        for k in range(a + 1, b):
+            t = (k - a) / (b - a)
+            np.testing.assert_allclose(cam[..., k], (1 - t) * cam[..., a] + t * cam[..., b], atol=1e-5)
+
+
+def test_maps_report_and_sanity_numbers_are_logged_to_the_training_run(explained):
+    import mlflow
+
+    tmp, result = explained
+    run_id = json.loads((tmp / "models/mlflow_run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    logged = {a.path for a in client.list_artifacts(run_id, "explain")}
+    assert {"explain/report.html", "explain/contact_sheet.png", "explain/sanity.json", "explain/maps"} <= logged
+    maps = {a.path for a in client.list_artifacts(run_id, "explain/maps")}
+    cases = [c["case_id"] for c in csv.DictReader((tmp / "explain/cases.csv").open())]
+    assert maps == {f"explain/maps/{c}.png" for c in cases} and len(cases) == result["n_cases"]
+    metrics = client.get_run(run_id).data.metrics
+    assert {"saliency_randomization_spearman", "saliency_pointing_game_hit_rate",
+            "saliency_pointing_game_random_baseline", "saliency_energy_inside_mean"} <= set(metrics)

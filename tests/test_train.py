@@ -153,3 +153,27 @@ def test_medicalnet_weights_load_from_a_local_path(tmp_path):
     assert torch.equal(target.conv1.weight, source.conv1.weight)
     with pytest.raises(ValueError, match="no parameter matches"):
         load_medicalnet(build_model(ModelSpec("plain_cnn", 3, 1, 2, 3)), tmp_path / "resnet_10.pth")
+
+
+def test_stages_log_to_a_stand_in_run_when_the_training_run_is_not_in_the_store(tmp_path):
+    """Train outputs restored by DVC's run cache (or a `--temp` experiment's lost SQLite store) name a
+    run the store lacks: later stages log to one tagged stand-in instead of failing."""
+    import mlflow
+
+    from pipeline.tracking import training_run_id
+
+    params = params_from_dict({"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "mlflow_run.json").write_text(json.dumps({"run_id": "0123456789abcdef0123456789abcdef"}))
+    (models / "model.json").write_text(json.dumps({"spec": {"name": "resnet10", "pool": "lse"}}))
+    first = training_run_id(params, models)
+    assert first and first != "0123456789abcdef0123456789abcdef"
+    assert training_run_id(params, models) == first  # found again by its tag, not created twice
+    run = mlflow.MlflowClient().get_run(first)
+    assert run.data.tags["resdx.source_run_id"] == "0123456789abcdef0123456789abcdef"
+    assert run.data.params["model.pool"] == "lse"
+    (models / "mlflow_run.json").write_text(json.dumps({"run_id": first}))
+    assert training_run_id(params, models) == first  # a run the store has is used as is
+    off = params_from_dict({"mlflow": {"enabled": False}})
+    assert training_run_id(off, models) is None
