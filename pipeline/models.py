@@ -145,8 +145,8 @@ def _resnet(spec: ModelSpec, feed_forward: bool) -> nn.Module:
         net.avgpool = EvidencePool(spec.spatial_dims, net.fc.in_features, spec.n_classes)
         net.fc = None  # the head is the evidence convolution (MONAI's forward skips a None fc)
     elif spec.pool == "max":
-        # Max pooling makes the decision hinge on the strongest local evidence (a small lesion)
-        # instead of its average over the volume; gradients, and so Grad-CAM, follow that location.
+        # Max pooling of each feature: the decision hinges on its strongest response, not its volume
+        # average. It does not make Grad-CAM local (benchmarks/README.md): that takes pool=lse.
         net.avgpool = nn.AdaptiveMaxPool3d(1) if spec.spatial_dims == 3 else nn.AdaptiveMaxPool2d(1)
     return net
 

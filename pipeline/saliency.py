@@ -94,7 +94,8 @@ def _cam(model: nn.Module, layer: str, method: str):
     from monai.visualize import GradCAM, GradCAMpp
 
     cls = GradCAMpp if method == "gradcampp" else GradCAM
-    # MONAI restores the wrapper's training flag onto the whole network after each call: give it the network's
+    # MONAI restores the wrapper's training flag onto the whole network after each call: give the wrapper
+    # the network's own flag (a fresh module is in training mode, which would leave BatchNorm in it).
     return cls(nn_module=_Centered(model).train(model.training), target_layers=f"net.{layer}")
 
 
