@@ -146,7 +146,7 @@ def _resnet(spec: ModelSpec, feed_forward: bool) -> nn.Module:
         net.fc = None  # the head is the evidence convolution (MONAI's forward skips a None fc)
     elif spec.pool == "max":
         # Max pooling of each feature: the decision hinges on its strongest response, not its volume
-        # average. It does not make Grad-CAM local (benchmarks/README.md): that takes pool=lse.
+        # average. For Grad-CAM maps that point at a finding see pool=lse (README, "Saliency").
         net.avgpool = nn.AdaptiveMaxPool3d(1) if spec.spatial_dims == 3 else nn.AdaptiveMaxPool2d(1)
     return net
 
