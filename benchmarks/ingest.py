@@ -57,6 +57,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATOR_VERSION = 1  # bump when the synthetic series changes, so cached copies are regenerated
@@ -484,16 +485,6 @@ def git_state() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return f"{head}" + (" + uncommitted changes under pipeline/" if dirty else "")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def environment(dcm2niix: str) -> list[tuple[str, str]]:

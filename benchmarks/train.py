@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model  # benchmarks/machine.py (the script's folder is on sys.path)
 from torch import nn
 
 from pipeline.config import AugmentConfig
@@ -337,13 +338,7 @@ def monai_batches(loader, device: torch.device) -> Iterator[Batch]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 def run_config(name: str, batch: int, args, device: torch.device, amp: bool, work: Path) -> list[PathResult]:
