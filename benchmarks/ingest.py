@@ -10,7 +10,7 @@ Readers:
   dcm2niix       ``dcm2niix -z n -b n -o OUT -f out FOLDER``         (single-threaded C)
   dicom2nifti    ``dicom2nifti.dicom_series_to_nifti(folder, out.nii, reorient_nifti=False)``
   monai          ``LoadImage(reader="PydicomReader", image_only=True)(folder)``  (in memory)
-  resdx-import   ``import pipeline.convert`` only: the fixed cost (interpreter + imports) that
+  resdx-import   ``import pipeline.stages.convert`` only: the fixed cost (interpreter + imports) that
                  every Python reader pays before its first file; a floor, not a reader
 
 Method: the series' files are read once (untimed, which also checks their SHA-256) to warm
@@ -240,7 +240,7 @@ if sys.argv[3] == "1":
 CODE = {
     "resdx-convert": """
 import sys
-from pipeline.convert import convert
+from pipeline.stages.convert import convert
 convert(sys.argv[1], sys.argv[2] + "/out.nii")
 """,
     "resdx-read": """
@@ -251,7 +251,7 @@ data, affine = vol.data, vol.affine
 """ + _SAVE,
     "resdx-import": """
 import sys
-import pipeline.convert  # what resdx-convert imports; reads nothing
+import pipeline.stages.convert  # what resdx-convert imports; reads nothing
 """,
     "dicom2nifti": """
 import sys

@@ -42,27 +42,23 @@ VARIANTS = {
 
 def lesion_cases(params, ingest_dir: Path):
     """(case id, tensor, lesion mask on the tensor grid) for every positive test case with a mask."""
-    import nibabel as nib
+    from pipeline.core.preprocess import resample_to_grid
+    from pipeline.io.tensors import load_split, read_native_mask, read_sidecar
 
-    from pipeline.data import load_split
-    from pipeline.explain import _masks
-    from pipeline.preprocess import resample_to_grid
-
-    masks = _masks(params)
     data = load_split(ingest_dir, "test")
     for n, cid in enumerate(data.case_ids):
-        if int(data.labels[n]) != 1 or cid not in masks:
+        native = read_native_mask(ingest_dir, cid)
+        if int(data.labels[n]) != 1 or native is None:
             continue
-        side = json.loads((ingest_dir / "tensors" / f"{cid}.json").read_text())
-        img = nib.load(str(masks[cid]))
+        side = read_sidecar(ingest_dir, cid)
         shape = tuple(side["tensor_shape"])
-        mask = resample_to_grid(np.asarray(img.dataobj).astype(np.float32), img.affine, shape,
+        mask = resample_to_grid(native.astype(np.float32), np.asarray(side["native_affine"]), shape,
                                 np.asarray(side["tensor_affine"]), order=1) > 0.5
         yield cid, data.images[n], mask
 
 
 def score(model, cases, method: str, shifts: int) -> dict:
-    from pipeline.saliency import class_map
+    from pipeline.core.saliency import class_map
 
     hits, inside, dist, share = [], [], [], []
     t0 = time.perf_counter()
@@ -88,9 +84,9 @@ def main() -> None:
 
     import torch
 
-    from pipeline.checkpoint import load_checkpoint
     from pipeline.config import load_params, params_from_dict
-    from pipeline.train import run_train
+    from pipeline.io.checkpoint import load_checkpoint
+    from pipeline.stages.train import run_train
 
     base = load_params(args.params)
     ingest_dir = ROOT / base.ingest.out_dir

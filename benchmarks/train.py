@@ -1,7 +1,7 @@
 """Benchmark training throughput: ResDx's in-RAM data path against the model alone and a MONAI-tutorial loader.
 
 Three paths train the SAME network (MONAI ResNet built by ``pipeline.models.build_model``) with the
-SAME batch size and the SAME step as ``pipeline.train`` (autocast bf16 on CUDA with ``--amp``,
+SAME batch size and the SAME step as ``pipeline.stages.train`` (autocast bf16 on CUDA with ``--amp``,
 class-weighted cross-entropy, AdamW, grad-norm clip 1.0, cosine schedule, ``float(loss)`` each step):
 
   (a) ceiling   one random batch already on the device; the step alone.
@@ -60,8 +60,9 @@ from machine import cpu_model  # benchmarks/machine.py (the script's folder is o
 from torch import nn
 
 from pipeline.config import AugmentConfig
-from pipeline.data import Augmenter, class_weights, epoch_order, load_split, to_device_if_fits
-from pipeline.models import ModelSpec, build_model
+from pipeline.core.augment import Augmenter, class_weights, epoch_order
+from pipeline.core.models import ModelSpec, build_model
+from pipeline.io.tensors import load_split, to_device_if_fits
 
 SEED = 42
 CONFIGS = {  # name: (network spatial dims, input shape per case)
@@ -163,8 +164,8 @@ def synthetic_volumes(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 def write_ingested(folder: Path, volumes: np.ndarray, labels: np.ndarray) -> None:
     """An ingest-stage output folder as `pipeline.data.load_split` reads it: index.csv, plan.json, tensors/."""
-    from pipeline.ingest import INDEX_COLUMNS
-    from pipeline.plan import PLAN_VERSION
+    from pipeline.core.plan import PLAN_VERSION
+    from pipeline.io.index import INDEX_COLUMNS
 
     (folder / "tensors").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -243,7 +244,7 @@ def timed_training(step, batches: Iterator[Batch], device: torch.device, warmup:
         t0 = time.perf_counter()
         for _ in range(steps):
             ts = time.perf_counter()
-            step(*next(batches))  # float(loss) synchronizes on CUDA, as in pipeline.train
+            step(*next(batches))  # float(loss) synchronizes on CUDA, as in pipeline.stages.train
             per_step.append(time.perf_counter() - ts)
         sync(device)
         wall = time.perf_counter() - t0
@@ -482,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
     if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)  # as pipeline.train does on CPU
+        torch.use_deterministic_algorithms(True, warn_only=True)  # as pipeline.stages.train does on CPU
 
     import monai
 

@@ -1,4 +1,8 @@
-"""`resdx`: one sub-command per pipeline stage. Thin: parse, call the stage, print a summary."""
+"""`resdx`: one sub-command per pipeline stage. Thin: parse, call the stage, print a summary.
+
+Every failure a user can fix is a `pipeline.errors.ResDxError`: printed as its code, message and
+what to do, without a traceback (`resdx --debug ...` shows it).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+_DEBUG = {"on": False}
 PARAMS_OPT = typer.Option(Path("configs/params.yaml"), "--params", "-p", help="Params YAML (validated at load).")
 
 
@@ -28,20 +33,21 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
-def _params(path: Path):
-    from pipeline.config import ConfigError, load_params
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of a failure.")) -> None:
+    _DEBUG["on"] = debug
 
-    try:
-        return load_params(path)
-    except ConfigError as err:
-        console.print(f"[red]{err}")
-        raise typer.Exit(2) from None
+
+def _params(path: Path):
+    from pipeline.config import load_params
+
+    return load_params(path)
 
 
 @app.command()
 def synthesize(params: Path = PARAMS_OPT) -> None:
     """Generate the demo cohort (DICOM CT series, NIfTI MRI, lesion masks) and its manifest."""
-    from pipeline.synthesize import synthesize as run
+    from pipeline.stages.synthesize import synthesize as run
 
     p = _params(params)
     s = run(p.synthesize, seed=p.seed, progress=sys.stderr.isatty())
@@ -66,26 +72,18 @@ def ingest(
     With data.source=medmnist, reads the MedMNIST .npz named by data.medmnist.* instead
     (official splits kept) and writes the same outputs.
     """
-    from pipeline.ingest import IngestFailed, run_ingest
-    from pipeline.manifest import ManifestError
+    from pipeline.stages.ingest import run_ingest
 
     _quiet_libraries()
     p = _params(params)
     if workers:
         p = p.model_copy(update={"ingest": p.ingest.model_copy(update={"workers": workers})})
-    try:
-        if p.data.source == "medmnist":
-            from pipeline.medmnist_source import run_medmnist
+    if p.data.source == "medmnist":
+        from pipeline.sources.medmnist import run_medmnist
 
-            summary = run_medmnist(p, out_dir=out, progress=sys.stderr.isatty())
-        else:
-            summary = run_ingest(p, manifest=manifest, out_dir=out, progress=sys.stderr.isatty())
-    except ManifestError as err:
-        console.print(f"[red]manifest error:[/] {err}")
-        raise typer.Exit(2) from None
-    except IngestFailed as err:
-        console.print(f"[red]ingest failed:[/] {err}")
-        raise typer.Exit(1) from None
+        summary = run_medmnist(p, out_dir=out, progress=sys.stderr.isatty())
+    else:
+        summary = run_ingest(p, manifest=manifest, out_dir=out, progress=sys.stderr.isatty())
     _print_ingest(summary, out or p.ingest.out_dir)
 
 
@@ -116,7 +114,7 @@ def train(
     Runs on the GPU when there is one (bf16 autocast), else on the CPU (fp32, deterministic).
     For several GPUs: torchrun --nproc_per_node N -m pipeline.cli train
     """
-    from pipeline.train import run_train
+    from pipeline.stages.train import run_train
 
     _quiet_libraries()
     p = _params(params)
@@ -138,7 +136,7 @@ def train(
 def evaluate(params: Path = PARAMS_OPT) -> None:
     """AUROC with 95% CIs (bootstrap, DeLong), operating point from val, calibration before/after
     temperature scaling, subgroups; writes reports/metrics.json, predictions.csv, plots, figures."""
-    from pipeline.evaluate import run_evaluate
+    from pipeline.stages.evaluate import run_evaluate
 
     _quiet_libraries()
     p = _params(params)
@@ -162,7 +160,7 @@ def explain(
     params: Path = PARAMS_OPT,
 ) -> None:
     """Grad-CAM maps in native geometry (NIfTI, DICOM SC), sanity checks, and the HTML review report."""
-    from pipeline.explain import run_explain
+    from pipeline.stages.explain import run_explain
 
     _quiet_libraries()
     p = _params(params)
@@ -179,7 +177,7 @@ def explain(
 def register(params: Path = PARAMS_OPT) -> None:
     """Log the model to MLflow as a pickle-free pyfunc, register a version (alias candidate) with
     provenance tags and a model card, and promote it to champion if it passes the gate."""
-    from pipeline.registry import run_register
+    from pipeline.stages.register import run_register
 
     _quiet_libraries()
     p = _params(params)
@@ -196,18 +194,11 @@ def register(params: Path = PARAMS_OPT) -> None:
 
 
 def _decision(action: str, version: str, reason: str, params: Path) -> None:
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     _quiet_libraries()
     p = _params(params)
-    try:
-        r = getattr(registry, action)(p, version, reason)
-    except ValueError as err:
-        console.print(f"[red]{err}")
-        raise typer.Exit(1) from None
-    except Exception as err:  # noqa: BLE001 - MLflow raises its own types for unknown versions
-        console.print(f"[red]{action} failed:[/] {err}")
-        raise typer.Exit(1) from None
+    r = getattr(registry, action)(p, version, reason)
     console.print(f"{action}d {r['model_name']} v{r['version']} ({r['who']}, {r['when']}): {r['reason']}; "
                   f"champion now: {r.get('champion') or 'none'}")
 
@@ -234,18 +225,18 @@ def predict(
     model: str | None = typer.Option(None, "--model", "-m", help="Model URI (default models:/<name>@champion)."),
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Folder for one JSON per study."),
     modality: str | None = typer.Option(None, help="CT or MR for NIfTI inputs (DICOM says it itself)."),
-    saliency: bool = typer.Option(False, "--saliency", help="Also write a Grad-CAM NIfTI overlay (native grid)."),
+    saliency: bool = typer.Option(False, "--saliency", help="Also write a Grad-CAM NIfTI overlay (native grid) of "
+                                  "the decided class, with the explain.* settings of the params."),
     params: Path = PARAMS_OPT,
 ) -> None:
     """Calibrated probabilities for new studies, through ingest's code and the model's own plan."""
-    from pipeline.predict import run_predict
+    from pipeline.stages.predict import run_predict
 
     _quiet_libraries()
     p = _params(params)
     uri = model or f"models:/{p.register.model_name}@champion"
     r = run_predict(uri, paths, out, modality=modality, saliency=saliency, tracking_uri=p.mlflow.tracking_uri,
-                    progress=sys.stderr.isatty(), saliency_method=p.explain.method,
-                    target_layer=p.explain.target_layer, saliency_shifts=p.explain.shifts)
+                    progress=sys.stderr.isatty(), explain=p.explain)
     table = Table(title=f"predict: {r['model']['name']} v{r['model']['version']}")
     for col in ("study", "status", "result"):
         table.add_column(col)
@@ -269,8 +260,8 @@ def convert(
     series_uid: str | None = typer.Option(None, help="Pick this SeriesInstanceUID when SRC holds several."),
 ) -> None:
     """Convert one DICOM series to NIfTI in its native grid (no resampling), like dcm2niix."""
-    from pipeline.convert import convert as run
     from pipeline.errors import RejectedCase
+    from pipeline.stages.convert import convert as run
 
     _quiet_libraries()
     try:
@@ -285,7 +276,19 @@ def convert(
 
 
 def main() -> None:  # console-script entry point
-    app()
+    from pipeline.errors import ConfigError, ManifestError, ResDxError
+
+    try:
+        app()
+    except ResDxError as err:
+        if _DEBUG["on"]:
+            raise
+        from rich.markup import escape
+
+        console.print(f"[red]error {escape(f'[{err.code}]')}:[/] {escape(err.message)}", soft_wrap=True)
+        if err.hint:
+            console.print(f"  what to do: {escape(err.hint)}", soft_wrap=True)
+        sys.exit(2 if isinstance(err, (ConfigError, ManifestError)) else 1)
 
 
 if __name__ == "__main__":

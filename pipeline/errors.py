@@ -1,16 +1,56 @@
-"""Errors that end one case, never the run."""
+"""Every failure a user can meet: one `ResDxError` base with a short code and what to do.
+
+The CLI prints ``error [code]: message`` and the hint, without a traceback (``--debug`` shows
+it). `RejectedCase` ends one case, never the run: its text reaches `index.csv`, so it never
+holds PHI (no names, UIDs, dates or paths).
+"""
 
 from __future__ import annotations
 
 
-class RejectedCase(Exception):
-    """A case that cannot be used, with a short machine code and a human-readable reason.
+class ResDxError(Exception):
+    """A failure with a machine-readable `code`, a `message` and a `hint` that says what to do."""
 
-    The message is what the ingest summary and `index.csv` show, so it says what is wrong
-    and, where possible, what to do; it never contains PHI (no names, UIDs or dates).
-    """
+    code = "error"
+    hint = ""
+
+    def __init__(self, message: str, *, code: str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if hint is not None:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RejectedCase(ResDxError):
+    """One case that cannot be used: a reason code and a PHI-free sentence."""
+
+    code = "rejected"
+    hint = "see the reason; the other cases go on"
 
     def __init__(self, code: str, reason: str):
-        super().__init__(f"{code}: {reason}")
-        self.code = code
+        super().__init__(f"{code}: {reason}", code=code)
         self.reason = reason
+
+
+# Failures of a whole command, each its own class (callers catch it by name): base, code, what to do.
+_KINDS: dict[str, tuple[type, str, str]] = {
+    "ConfigError": (ValueError, "bad_params", "fix the named key in configs/params.yaml (or the -S override)"),
+    "ManifestError": (ValueError, "bad_manifest", "the manifest needs case_id, patient_id, modality, path, label"),
+    "IngestFailed": (RuntimeError, "ingest_failed", "read the reasons in index.csv; fix the inputs or raise "
+                     "ingest.max_rejected_fraction"),
+    "MissingInput": (FileNotFoundError, "missing_input", "run the earlier stages first (dvc repro)"),
+    "PlanError": (ValueError, "bad_plan", "re-run the ingest stage so that plan.json is written by this version"),
+    "RegistryError": (ValueError, "registry", "check register.model_name, the version and mlflow.tracking_uri"),
+}
+ConfigError, ManifestError, IngestFailed, MissingInput, PlanError, RegistryError = (
+    type(name, (ResDxError, base), {"code": code, "hint": hint, "__module__": __name__, "__doc__": hint})
+    for name, (base, code, hint) in _KINDS.items())
+
+
+__all__ = ["ResDxError", "RejectedCase", "ConfigError", "ManifestError", "IngestFailed", "MissingInput",
+           "PlanError", "RegistryError"]

@@ -33,7 +33,7 @@ def shared_data() -> Path:
 def demo_cohort(tmp_path_factory) -> Path:
     """A small synthesized cohort (real DICOM + NIfTI files); returns its manifest path."""
     from pipeline.config import SynthesizeConfig
-    from pipeline.synthesize import synthesize
+    from pipeline.stages.synthesize import synthesize
 
     root = tmp_path_factory.mktemp("demo")
     cfg = SynthesizeConfig(out_dir=root / "data", manifest=root / "manifests" / "demo.csv", n_patients=8)
@@ -45,12 +45,12 @@ def demo_cohort(tmp_path_factory) -> Path:
 def tiny_ingested(demo_cohort, tmp_path_factory) -> Path:
     """The demo cohort ingested at 24^3 (10 mm voxels): small enough to train in seconds."""
     from pipeline.config import params_from_dict
-    from pipeline.ingest import run_ingest
+    from pipeline.stages.ingest import run_ingest
 
     tmp = tmp_path_factory.mktemp("tiny")
     params = params_from_dict({"seed": 3, "ingest": {"out_dir": str(tmp / "ing"), "cache_dir": str(tmp / "cache"),
                                                       "spacing": [10.0, 10.0, 10.0], "shape": [24, 24, 24],
-                                                      "workers": 1}})
+                                                      "workers": 1, "splits_file": None}})
     run_ingest(params, manifest=demo_cohort, progress=False)
     return tmp / "ing"
 
@@ -60,6 +60,21 @@ def tiny_params(tmp: Path, ingest_dir: Path, **train) -> dict:
     t = {"out_dir": str(tmp / "models"), "state_dir": str(tmp / "state"), "epochs": 2, "batch_size": 4,
          "patience": 5, "threads": 1, "device": "cpu"}
     t.update(train)
-    return {"seed": 5, "ingest": {"out_dir": str(ingest_dir)}, "model": {"name": "resnet10"}, "train": t,
+    return {"seed": 5, "ingest": {"out_dir": str(ingest_dir), "splits_file": None}, "train": t,
             "evaluate": {"out_dir": str(tmp / "reports"), "n_bootstrap": 200},
             "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "system_metrics": False}}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tests_leave_the_repository_as_they_found_it():
+    """The shipped defaults name repository paths (e.g. ingest.splits_file): a test that forgets to point
+    them at tmp_path would overwrite committed files. Fail loudly instead of silently."""
+    import subprocess
+
+    def tracked_changes() -> str:
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "data_manifests",
+                               "configs", "dvc.lock"], cwd=REPO, capture_output=True, text=True).stdout
+
+    before = tracked_changes()
+    yield
+    assert tracked_changes() == before, "a test changed tracked files of the repository"

@@ -9,77 +9,31 @@ from __future__ import annotations
 import csv
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from helpers import AXIAL, CORONAL, file_meta, ingest_params, read_index, write_ct_series
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from pipeline.config import params_from_dict
-from pipeline.ingest import INDEX_COLUMNS, IngestFailed, read_case, run_ingest
+from pipeline.core.plan import ReaderSettings
+from pipeline.errors import IngestFailed
+from pipeline.io.index import INDEX_COLUMNS
+from pipeline.io.reader import read_case
+from pipeline.stages.ingest import run_ingest
 
-AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 MANIFEST_COLUMNS = ["case_id", "patient_id", "modality", "path", "label", "split"]
+# Ingest params of these tests: helpers.ingest_params at 3 mm / 16^3, one worker, no rejection ceiling.
+_params = partial(ingest_params, seed=0, workers=1, min_slices=3, spacing=[3.0, 3.0, 3.0], shape=[16, 16, 16],
+                  max_rejected_fraction=1.0)
 
 
 # ----------------------------------------------------------------------------- builders
-def _file_meta(ds: Dataset) -> FileMetaDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    return meta
-
-
-def write_ct_series(folder: Path, n: int = 6, *, size: int = 24, spacing: float = 2.5, iop=AXIAL, step=None,
-                    origin=(-30.0, -30.0, 0.0), positions=None, modality: str = "CT", series_number: int = 2,
-                    prefix: str = "IM", seed: int = 0) -> list[Path]:
-    """Write a CT Image Storage series (one file per slice) and return the files in slice order.
-
-    Slices sit at `origin + k * step` (default: `spacing` mm along row x column), or at `positions`.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
-    step = np.cross(row, col) * spacing if step is None else np.asarray(step, dtype=float)
-    if positions is None:
-        positions = [np.asarray(origin) + k * step for k in range(n)]
-    series_uid = generate_uid(entropy_srcs=[str(folder), prefix, str(seed)])
-    rng = np.random.default_rng(seed)
-    paths = []
-    for k, ipp in enumerate(positions):
-        ds = Dataset()
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[series_uid, str(k)])
-        ds.StudyInstanceUID = generate_uid(entropy_srcs=[series_uid, "study"])
-        ds.SeriesInstanceUID = series_uid
-        ds.Modality = modality
-        ds.Manufacturer = "ACME"
-        ds.SeriesNumber = series_number
-        ds.InstanceNumber = k + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in ipp]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
-        ds.PixelSpacing = ["1.5", "1.5"]
-        ds.SliceThickness = f"{spacing:g}"
-        ds.Rows = ds.Columns = size
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
-        ds.PixelData = rng.integers(0, 2000, (size, size)).astype("<i2").tobytes()
-        ds.file_meta = _file_meta(ds)
-        path = folder / f"{prefix}{k:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
 def write_basic_text_sr(folder: Path) -> Path:
     """A Basic Text SR document: a valid DICOM object with no image in it."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,7 +56,7 @@ def write_basic_text_sr(folder: Path) -> Path:
     item = Dataset()
     item.RelationshipType, item.ValueType, item.TextValue = "CONTAINS", "TEXT", "No acute findings."
     ds.ContentSequence = [item]
-    ds.file_meta = _file_meta(ds)
+    ds.file_meta = file_meta(ds)
     path = folder / "SR0001.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -128,20 +82,6 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
         for r in rows:
             w.writerow({"label": "0", "split": "train", **r})
     return path
-
-
-def _params(root: Path, **ingest):
-    cfg = {"out_dir": str(root / "out"), "cache_dir": str(root / "cache"), "workers": 1, "min_slices": 3,
-           "spacing": [3.0, 3.0, 3.0], "shape": [16, 16, 16], "max_rejected_fraction": 1.0}
-    cfg.update(ingest)
-    return params_from_dict({"seed": 0, "ingest": cfg})
-
-
-def _index(out: Path) -> list[dict]:
-    with (out / "index.csv").open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert reader.fieldnames == INDEX_COLUMNS
-        return list(reader)
 
 
 def _prepared_records(root: Path) -> list[dict]:
@@ -260,7 +200,7 @@ def cohort(tmp_path_factory):
     manifest = write_manifest(root / "manifest.csv", rows)
     try:
         summary = run_ingest(_params(root), manifest=manifest, progress=False)
-        yield {"root": root, "rows": rows, "index": _index(root / "out"), "summary": summary,
+        yield {"root": root, "rows": rows, "index": read_index(root / "out", INDEX_COLUMNS), "summary": summary,
                "readable": _can_read_folder(root / "data" / "no_permission")}
     finally:
         os.chmod(root / "data" / "no_permission", 0o755)
@@ -350,7 +290,7 @@ def test_gantry_tilt_is_kept_with_a_note_and_a_sheared_affine(cohort):
     assert records and any("tilted" in n for n in records[0]["notes"]), records
     step = np.array(records[0]["native_affine"])[:3, 2]
     assert np.allclose(np.abs(step), [0.0, 0.6, 2.5], atol=1e-3)  # the shear stays in the affine, not resampled away
-    vol = read_case(cohort["root"] / "data" / "gantry_tilt", "CT", _params(cohort["root"]).ingest)
+    vol = read_case(cohort["root"] / "data" / "gantry_tilt", "CT", ReaderSettings())
     assert vol.meta["gantry_tilt_deg"] == pytest.approx(np.degrees(np.arctan(0.6 / 2.5)), abs=0.01)
 
 
@@ -361,7 +301,7 @@ def test_4d_nifti_is_accepted_when_a_volume_is_chosen(cohort, tmp_path):
         {"case_id": "good_ct_a", "patient_id": "P01", "modality": "CT", "path": str(d / "good_ct_a")},
     ])
     summary = run_ingest(_params(tmp_path, take_volume=0), manifest=manifest, progress=False)
-    rows = {r["case_id"]: r for r in _index(tmp_path / "out")}
+    rows = {r["case_id"]: r for r in read_index(tmp_path / "out", INDEX_COLUMNS)}
     assert summary.n_ok == 2, rows
     assert rows["nifti_4d"]["status"] == "ok" and rows["nifti_4d"]["native_shape"] == "12x12x8", rows
     tensor = np.load(tmp_path / "out" / "tensors" / "nifti_4d.npy", allow_pickle=False)
@@ -387,7 +327,7 @@ def test_rejected_fraction_ceiling_fails_the_stage_but_writes_the_index(tmp_path
             run_ingest(params, manifest=manifest, progress=False)
     else:
         run_ingest(params, manifest=manifest, progress=False)
-    rows = _index(tmp_path / "out")
+    rows = read_index(tmp_path / "out", INDEX_COLUMNS)
     assert [(r["case_id"], r["status"], r["reason_code"]) for r in rows] == [
         ("good", "ok", ""), ("gone", "rejected", "missing_path"), ("empty", "rejected", "empty")]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -403,7 +343,7 @@ def test_tiny_manifest_without_split_column_still_ingests(tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("case_id,patient_id,modality,path,label\nA,PA,CT,a,0\nB,PB,CT,b,1\n")
     summary = run_ingest(_params(tmp_path), manifest=manifest, progress=False)
-    rows = _index(tmp_path / "out")
+    rows = read_index(tmp_path / "out", INDEX_COLUMNS)
     assert summary.n_ok == 2 and [r["status"] for r in rows] == ["ok", "ok"], rows
     assert all(r["split"] in ("train", "val", "test") for r in rows)
 

@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.convert import convert
 from pipeline.errors import RejectedCase
 from pipeline.io.dicom import read_dicom_series
+from pipeline.stages.convert import convert
 
 D2N = "dicom/dicom2nifti/tests/data"
 

@@ -8,19 +8,18 @@ import json
 import mlflow
 import numpy as np
 import pytest
-from conftest import tiny_params
+from helpers import train_params
 
-from pipeline.config import params_from_dict
-from pipeline.evaluate import split_metrics
+from pipeline.stages.evaluate import split_metrics
 
 
 @pytest.fixture(scope="module")
 def evaluated(tiny_ingested, tmp_path_factory):
-    from pipeline.evaluate import run_evaluate
-    from pipeline.train import run_train
+    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.train import run_train
 
     tmp = tmp_path_factory.mktemp("eval")
-    params = params_from_dict(tiny_params(tmp, tiny_ingested))
+    params = train_params(tmp, tiny_ingested)
     run_train(params, progress=False)
     return tmp, run_evaluate(params)
 

@@ -10,11 +10,11 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import tiny_params
+from helpers import train_params
 from torch import nn
 
-from pipeline.config import params_from_dict
-from pipeline.saliency import _stride, class_map, randomized_copy, saliency, upsample
+from pipeline.core.classifier import Classifier, DecisionRule
+from pipeline.core.saliency import _stride, class_map, explain_case, randomized_copy, upsample
 
 
 class _BlobDetector(nn.Module):
@@ -40,8 +40,10 @@ class _BlobDetector(nn.Module):
 def test_map_polarity_high_means_supports_the_class(method):
     x = torch.zeros(1, 16, 16, 16)
     x[0, 11, 4, 6] = 3.0  # the only evidence for class 1
-    cam, cls, probs = saliency(_BlobDetector(), x, method=method, target_layer="layer4")
-    assert cls == 1 and probs[1] > 0.5
+    clf = Classifier(_BlobDetector(), DecisionRule(1.0, 0.5, ("a", "b")))
+    ex = explain_case(clf, x, method=method, target_layer="layer4")
+    cam, cls, probs = ex.cam, ex.explained_class, ex.probs
+    assert cls == 1 and ex.decision == 1 and probs[1] > 0.5
     assert np.unravel_index(int(np.argmax(cam)), cam.shape) == (11, 4, 6)  # MONAI's default normalizer would invert
     assert cam.min() >= 0 and cam.max() == pytest.approx(1.0)
 
@@ -88,7 +90,7 @@ def test_shifted_runs_interleave_into_the_finer_networks_map():
 
 
 def test_pointing_game_and_energy_share_against_the_random_baseline():
-    from pipeline.explain import _localization
+    from pipeline.core.sanity import localization as _localization
 
     mask = np.zeros((10, 10, 10), bool)
     mask[2:4, 2:4, 2:4] = True
@@ -111,15 +113,13 @@ def test_randomized_copy_changes_every_parameter():
 
 @pytest.fixture(scope="module")
 def explained(tiny_ingested, demo_cohort, tmp_path_factory):
-    from pipeline.evaluate import run_evaluate
-    from pipeline.explain import run_explain
-    from pipeline.train import run_train
+    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.explain import run_explain
+    from pipeline.stages.train import run_train
 
     tmp = tmp_path_factory.mktemp("explain")
-    raw = tiny_params(tmp, tiny_ingested)
-    raw["data"] = {"manifest": str(demo_cohort)}
-    raw["explain"] = {"out_dir": str(tmp / "explain"), "target_layer": "layer1", "splits": ["val", "test"]}
-    params = params_from_dict(raw)
+    explain = {"out_dir": str(tmp / "explain"), "target_layer": "layer1", "splits": ["val", "test"]}
+    params = train_params(tmp, tiny_ingested, data={"manifest": str(demo_cohort)}, explain=explain)
     run_train(params, progress=False)
     run_evaluate(params)
     return tmp, run_explain(params)
@@ -127,7 +127,7 @@ def explained(tiny_ingested, demo_cohort, tmp_path_factory):
 
 def test_overlays_have_the_source_grid(explained, demo_cohort):
     from pipeline.io.dicom import read_dicom_series
-    from pipeline.manifest import read_manifest
+    from pipeline.sources.manifest import read_manifest
 
     tmp, result = explained
     rows = {r.case_id: r for r in read_manifest(demo_cohort)}
@@ -153,7 +153,7 @@ def test_overlays_have_the_source_grid(explained, demo_cohort):
 
 
 def test_dicom_overlays_carry_no_source_phi(explained, demo_cohort):
-    from pipeline.manifest import read_manifest
+    from pipeline.sources.manifest import read_manifest
 
     tmp, _ = explained
     rows = {r.case_id: r for r in read_manifest(demo_cohort)}
@@ -185,13 +185,13 @@ def test_report_and_sanity_are_written(explained):
 
 
 def test_slice_model_maps_fill_the_slices_between_the_bag():
-    from pipeline.models import ModelSpec, build_model
+    from pipeline.core.models import ModelSpec, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelSpec("resnet10", 2, 1, 2, 3, slices_2d=5, pool="lse", output_stride=8,
                                   padding="replicate")).eval()
     x = torch.randn(1, 32, 32, 17)
-    cam, _, _ = saliency(model, x, class_index=1, shifts=2)
+    cam = class_map(model, x.unsqueeze(0), 1, shifts=2)
     assert cam.shape == (32, 32, 17) and cam.max() == pytest.approx(1.0)
     idx = model.slice_index(17).tolist()  # [0, 4, 8, 12, 16]
     for a, b in zip(idx, idx[1:]):

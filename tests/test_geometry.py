@@ -6,15 +6,15 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from helpers import write_ct_slice
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from scipy.spatial.transform import Rotation
 
+from pipeline.core.preprocess import deshear, is_sheared, resample, to_canonical
 from pipeline.errors import RejectedCase
 from pipeline.io.dicom import read_dicom_series
-from pipeline.preprocess import deshear, is_sheared, resample, to_canonical
 
 
 def write_series(folder, rotation: np.ndarray, spacing=(0.8, 0.9), step=2.5, n=6, shape=(6, 5), names=None,
@@ -30,27 +30,13 @@ def write_series(folder, rotation: np.ndarray, spacing=(0.8, 0.9), step=2.5, n=6
     for k in range(n):
         if drop is not None and k == drop:
             continue
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / names[k]), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.SeriesInstanceUID, ds.Modality = series, "CT"
-        ds.ImageOrientationPatient = [f"{v:.8f}" for v in np.concatenate([row, col])]
         pos = origin + k * step * normal + k * tilt_shift * col
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in pos]
-        ds.PixelSpacing = [spacing[0], spacing[1]]
-        ds.SliceThickness = step
-        ds.InstanceNumber = instance_order[k] + 1
-        ds.Rows, ds.Columns = shape
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
         img = np.full(shape, 100 * k + 1024, dtype=np.int16) if values is None else values[k]
         img[0, 1] = 0  # a marker: row 0, column 1
-        ds.PixelData = img.tobytes()
-        ds.save_as(folder / names[k], enforce_file_format=True)
+        write_ct_slice(folder / names[k], img, sop_uid=generate_uid(), series_uid=series,
+                       instance_number=instance_order[k] + 1, ipp=[f"{v:.6f}" for v in pos],
+                       iop=[f"{v:.8f}" for v in np.concatenate([row, col])], pixel_spacing=[spacing[0], spacing[1]],
+                       slice_thickness=step, rescale=(-1024, 1))
     return origin, row, col, normal
 
 

@@ -9,29 +9,23 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import ingest_params, read_index
 from scipy import ndimage
 
-from pipeline.config import params_from_dict
-from pipeline.ingest import run_ingest
-from pipeline.preprocess import resample_to_grid
+from pipeline.core.preprocess import resample_to_grid
+from pipeline.stages.ingest import run_ingest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _params(tmp: Path, **ingest) -> object:
-    cfg = {"out_dir": str(tmp / "out"), "cache_dir": str(tmp / "cache"), "workers": 2, "spacing": [5.0, 5.0, 5.0]}
-    cfg.update(ingest)
-    return params_from_dict({"seed": 3, "ingest": cfg})
-
-
-def _index(out: Path) -> list[dict]:
-    with (out / "index.csv").open() as fh:
-        return list(csv.DictReader(fh))
+# Ingest params of these tests: helpers.ingest_params with two workers at 5 mm.
+_params = partial(ingest_params, seed=3, workers=2, spacing=[5.0, 5.0, 5.0])
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +40,14 @@ def test_every_row_is_accounted_for_and_ok(ingested, demo_cohort):
     _, summary, out = ingested
     with demo_cohort.open() as fh:
         n_rows = sum(1 for _ in csv.DictReader(fh))
-    rows = _index(out)
+    rows = read_index(out)
     assert len(rows) == n_rows == summary.n_rows == summary.n_ok + summary.n_rejected
     assert all(r["status"] == "ok" for r in rows), [r["reason"] for r in rows if r["status"] != "ok"]
 
 
 def test_tensors_are_pickle_free_memory_mapped_and_normalized(ingested):
     _, _, out = ingested
-    for r in _index(out):
+    for r in read_index(out):
         t = np.load(out / r["tensor"], mmap_mode="r", allow_pickle=False)
         assert isinstance(t, np.memmap) and t.shape == (1, 48, 48, 48) and t.dtype == np.float32
         assert np.isfinite(t).all() and t.std() > 0.1
@@ -61,7 +55,7 @@ def test_tensors_are_pickle_free_memory_mapped_and_normalized(ingested):
 
 def test_splits_are_patient_level_and_stratified(ingested, tmp_path, demo_cohort):
     _, _, out = ingested
-    rows = _index(out)
+    rows = read_index(out)
     run_ingest(_params(tmp_path, splits_file=str(tmp_path / "splits.csv")), manifest=demo_cohort, progress=False)
     written = list(csv.DictReader((tmp_path / "splits.csv").open()))
     assert {(r["case_id"], r["split"]) for r in written} == {(r["case_id"], r["split"]) for r in rows}
@@ -121,7 +115,7 @@ def test_changed_parameter_redoes_only_the_affected_pass(demo_cohort, tmp_path):
     changed = _params(tmp_path, shape=[40, 40, 40])
     s = run_ingest(changed, manifest=demo_cohort, progress=False)
     assert s.n_cached == s.n_rows and s.n_reused == 0
-    first = _index(tmp_path / "out")[0]
+    first = read_index(tmp_path / "out")[0]
     assert np.load(tmp_path / "out" / first["tensor"]).shape[1:] == (40, 40, 40)
 
 
@@ -146,7 +140,7 @@ def test_changed_input_redoes_only_that_case(demo_cohort, tmp_path):
 def test_2d_modes_extract_axial_slices_keeping_ids(demo_cohort, tmp_path, mode, channels):
     params = _params(tmp_path, mode=mode, slices_per_case=8, shape=[32, 32, 32])
     run_ingest(params, manifest=demo_cohort, progress=False)
-    r = _index(tmp_path / "out")[0]
+    r = read_index(tmp_path / "out")[0]
     t = np.load(tmp_path / "out" / r["tensor"])
     assert t.shape == (8, channels, 32, 32)
     side = json.loads((tmp_path / "out" / "tensors" / f"{r['case_id']}.json").read_text())
@@ -158,7 +152,7 @@ def test_same_inputs_give_identical_tensors(demo_cohort, tmp_path, ingested):
     _, _, out = ingested
     params = _params(tmp_path)
     run_ingest(params, manifest=demo_cohort, progress=False)
-    for r in _index(out):
+    for r in read_index(out):
         np.testing.assert_array_equal(np.load(out / r["tensor"]), np.load(tmp_path / "out" / r["tensor"]))
 
 
@@ -166,7 +160,7 @@ def test_killed_run_leaves_no_half_files_and_rerun_finishes(demo_cohort, tmp_pat
     params_file = tmp_path / "params.yaml"
     params_file.write_text(
         f"seed: 3\ningest:\n  out_dir: {tmp_path / 'out'}\n  cache_dir: {tmp_path / 'cache'}\n"
-        "  workers: 1\n  spacing: [5.0, 5.0, 5.0]\n")
+        "  workers: 1\n  spacing: [5.0, 5.0, 5.0]\n  splits_file: null\n")
     cmd = [sys.executable, "-m", "pipeline.cli", "ingest", "--manifest", str(demo_cohort), "--params", str(params_file)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -178,19 +172,19 @@ def test_killed_run_leaves_no_half_files_and_rerun_finishes(demo_cohort, tmp_pat
     proc.wait()
     done_before = len(list(prepared.glob("*.json")))
     assert 3 <= done_before
-    assert not (tmp_path / "out" / "index.csv").exists() or done_before == len(_index(tmp_path / "out"))
+    assert not (tmp_path / "out" / "index.csv").exists() or done_before == len(read_index(tmp_path / "out"))
     for f in prepared.glob("*.npy"):
         np.load(f, allow_pickle=False)  # every visible file is complete
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = _index(tmp_path / "out")
+    rows = read_index(tmp_path / "out")
     assert all(r["status"] == "ok" for r in rows)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["n_cached"] >= done_before - 1  # a json may land between kill and count
 
 
 def test_rejected_fraction_ceiling_fails_the_stage_after_writing_the_index(demo_cohort, tmp_path):
-    from pipeline.ingest import IngestFailed
+    from pipeline.errors import IngestFailed
 
     bad = tmp_path / "m.csv"
     lines = demo_cohort.read_text().splitlines()
@@ -200,6 +194,6 @@ def test_rejected_fraction_ceiling_fails_the_stage_after_writing_the_index(demo_
     bad.write_text(text)
     with pytest.raises(IngestFailed, match="max_rejected_fraction"):
         run_ingest(_params(tmp_path, max_rejected_fraction=0.2), manifest=bad, progress=False)
-    rows = _index(tmp_path / "out")
+    rows = read_index(tmp_path / "out")
     assert len(rows) == 5 and sum(r["status"] == "ok" for r in rows) == 2
     assert {r["reason_code"] for r in rows if r["status"] != "ok"} == {"missing_path"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -12,22 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import read_index
 
 from pipeline.config import params_from_dict
-from pipeline.ingest import INDEX_COLUMNS
-from pipeline.medmnist_source import MedMNISTCountWarning, MedMNISTError, medmnist_info, run_medmnist
-from pipeline.plan import PLAN_VERSION
+from pipeline.core.plan import PLAN_VERSION, load_plan
+from pipeline.io.index import INDEX_COLUMNS
+from pipeline.sources.medmnist import MedMNISTCountWarning, MedMNISTError, medmnist_info, run_medmnist
 
 
 def _params(flag: str, root: Path, out: Path, size: int = 28, download: bool = False):
     return params_from_dict({"data": {"source": "medmnist", "medmnist": {"flag": flag, "root": str(root),
                                                                          "size": size, "download": download}},
-                             "ingest": {"out_dir": str(out)}})
-
-
-def _index(out: Path) -> list[dict]:
-    with (out / "index.csv").open() as fh:
-        return list(csv.DictReader(fh))
+                             "ingest": {"out_dir": str(out), "splits_file": None}})
 
 
 def _write_npz(path: Path, image_shape: tuple, counts: dict, n_classes: int, seed: int = 0) -> None:
@@ -45,7 +40,7 @@ def _load_split(out: Path, rows: list[dict], split: str) -> np.ndarray:
 
 def test_info_loaded_without_importing_the_package():
     # `import medmnist` pulls torch, PIL, pandas and scikit-learn; only its INFO table is needed.
-    code = ("import sys; from pipeline.medmnist_source import medmnist_info; "
+    code = ("import sys; from pipeline.sources.medmnist import medmnist_info; "
             "assert medmnist_info()['pneumoniamnist']['n_samples']['train'] == 4708; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('medmnist', 'torch', 'torchvision')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -65,7 +60,7 @@ def test_shared_pneumoniamnist_subset(shared_data, tmp_path):
     assert s.by_modality == {"pneumoniamnist:ok": 5030}
     assert json.loads((out / "summary.json").read_text())["n_ok"] == 5030
 
-    rows = _index(out)
+    rows = read_index(out)
     assert list(rows[0]) == INDEX_COLUMNS
     assert rows[0]["case_id"] == rows[0]["patient_id"] == "pneumoniamnist-train-00000"
     assert {r["status"] for r in rows} == {"ok"} and {r["source_format"] for r in rows} == {"medmnist"}
@@ -80,16 +75,18 @@ def test_shared_pneumoniamnist_subset(shared_data, tmp_path):
 
     plan = json.loads((out / "plan.json").read_text())
     assert plan["version"] == PLAN_VERSION and plan["source"] == "medmnist"
-    assert (plan["flag"], plan["size"], plan["mode"], plan["shape"], plan["channels"]) == (
+    origin = plan["medmnist"]
+    assert (origin["flag"], origin["size"], plan["mode"], plan["shape"], plan["channels"]) == (
         "pneumoniamnist", 28, "2d", [28, 28], 1)
-    assert plan["task"] == "binary-class" and plan["n_classes"] == 2 and plan["class_names"] == ["normal", "pneumonia"]
-    norm = plan["normalization"]
+    assert origin["task"] == "binary-class" and plan["n_classes"] == 2
+    assert plan["class_names"] == ["normal", "pneumonia"]
+    norm = plan["arrays"]
     assert norm["fitted_on"] == "train" and norm["scale"] == pytest.approx(1 / 255)
     assert len(norm["mean"]) == len(norm["std"]) == 1 and 0 < norm["mean"][0] < 1
-    assert plan["official_splits"] is True and plan["orientation"] is None
-    assert plan["patient_ids"] == "none in MedMNIST: case_id used"
+    assert plan["orientation"] is None and plan["ct"] is None and plan["mr"] is None
     assert plan["counts"] == {"train/ok": 3882, "val/ok": 524, "test/ok": 624}
-    assert plan["file"] == "pneumoniamnist_subset.npz" and plan["file_md5"] == "f5b994ec7c2fe8bc81ae15cbab7c3df8"
+    assert origin["file"] == "pneumoniamnist_subset.npz" and origin["file_md5"] == "f5b994ec7c2fe8bc81ae15cbab7c3df8"
+    assert load_plan(out / "plan.json").source == "medmnist"  # the one typed schema validates it
     assert len(plan["warnings"]) == 1 and "train" in plan["warnings"][0]
 
     # A rerun on the unchanged file rewrites no tensor.
@@ -113,7 +110,7 @@ def test_3d_flag(tmp_path):
     with pytest.warns(MedMNISTCountWarning):
         s = run_medmnist(_params("organmnist3d", root, out), progress=False)
     assert s.splits == {"train": 6, "val": 3, "test": 3}
-    rows = _index(out)
+    rows = read_index(out)
     assert [r["case_id"] for r in rows[:2]] == ["organmnist3d-train-00000", "organmnist3d-train-00001"]
     assert all(np.load(out / r["tensor"]).shape == (1, 28, 28, 28) for r in rows)
     assert {r["tensor_shape"] for r in rows} == {"1x28x28x28"}
@@ -124,7 +121,7 @@ def test_3d_flag(tmp_path):
     assert plan["mode"] == "3d" and plan["shape"] == [28, 28, 28] and plan["channels"] == 1
     assert plan["n_classes"] == 11
     assert plan["class_names"] == [info["label"][str(i)] for i in range(11)]
-    assert plan["file"] == "organmnist3d.npz"
+    assert plan["medmnist"]["file"] == "organmnist3d.npz"
 
 
 def test_rgb_flag_and_size_suffix_for_28(tmp_path):
@@ -134,17 +131,17 @@ def test_rgb_flag_and_size_suffix_for_28(tmp_path):
     out = tmp_path / "out"
     with pytest.warns(MedMNISTCountWarning):
         run_medmnist(_params("pathmnist", root, out), progress=False)
-    rows = _index(out)
+    rows = read_index(out)
     train = _load_split(out, rows, "train")
     assert train.shape == (8, 3, 28, 28)
     assert np.allclose(train.mean(axis=(0, 2, 3), dtype=np.float64), 0.0, atol=1e-4)
     assert np.allclose(train.std(axis=(0, 2, 3), dtype=np.float64), 1.0, atol=1e-4)
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["channels"] == 3 and len(plan["normalization"]["mean"]) == 3 and len(plan["normalization"]["std"]) == 3
+    assert plan["channels"] == 3 and len(plan["arrays"]["mean"]) == 3 and len(plan["arrays"]["std"]) == 3
     # Channel c of the tensor is channel c of the file image (an (H, W, 3) -> (3, H, W) transpose).
     with np.load(root / "pathmnist_28.npz") as z:
         img = z["train_images"][0]
-    mean, std = (np.array(plan["normalization"][k]) for k in ("mean", "std"))
+    mean, std = (np.array(plan["arrays"][k]) for k in ("mean", "std"))
     expected = (np.moveaxis(img, -1, 0) / 255.0 - mean[:, None, None]) / std[:, None, None]
     assert np.allclose(np.load(out / rows[0]["tensor"]), expected, atol=1e-5)
 

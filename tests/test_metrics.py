@@ -1,4 +1,4 @@
-"""Tests for pipeline.metrics: hand-worked examples, cross-checks against scikit-learn, simulation checks."""
+"""Tests for pipeline.core.metrics: hand-worked examples, cross-checks against scikit-learn, simulation checks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from scipy import special, stats
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
 
-from pipeline import metrics as M
+from pipeline.core import metrics as M
 
 
 def binormal(rng: np.random.Generator, n_neg: int, n_pos: int, d: float) -> tuple[np.ndarray, np.ndarray]:

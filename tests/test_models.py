@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import EvidencePool, ModelSpec, SliceMIL, build_model
+from pipeline.core.models import EvidencePool, ModelSpec, SliceMIL, build_model
 
 
 def _spec(**kw) -> ModelSpec:

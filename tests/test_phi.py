@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -22,13 +23,12 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from pydicom.dataset import Dataset, FileMetaDataset
+from helpers import ingest_config, read_index, write_ct_series
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
 from pipeline.config import SynthesizeConfig, params_from_dict
-from pipeline.ingest import run_ingest
-from pipeline.synthesize import synthesize
+from pipeline.stages.ingest import run_ingest
+from pipeline.stages.synthesize import synthesize
 
 UID_ROOT = "1.2.826.0.1.3680043.99.777"
 PLANTED = {
@@ -50,51 +50,14 @@ PLANTED = {
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
             "ReferringPhysicianName", "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "OtherPatientIDs",
             "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
-AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 MANIFEST_COLUMNS = ["case_id", "patient_id", "modality", "path", "label", "split", "series_uid", "mask_path"]
 
 
 # ----------------------------------------------------------------------------- builders
-def write_ct_series(folder: Path, n: int = 5, *, tag: int = 1, size: int = 20, spacing: float = 2.5,
-                    positions=None, phi: dict | None = None, prefix: str = "IM", seed: int = 0) -> list[Path]:
-    """A CT Image Storage series whose headers carry `phi`; UIDs are distinctive, under UID_ROOT."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if positions is None:
-        positions = [(-15.0, -15.0, spacing * k) for k in range(n)]
-    rng = np.random.default_rng(seed)
-    paths = []
-    for k, ipp in enumerate(positions):
-        ds = Dataset()
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = f"{UID_ROOT}.3.{tag}.{k + 1}"
-        ds.SeriesInstanceUID = f"{UID_ROOT}.2.{tag}"
-        ds.Modality = "CT"
-        ds.Manufacturer = "ACME"
-        ds.SeriesNumber = 2
-        ds.InstanceNumber = k + 1
-        for key, value in (phi or {}).items():
-            setattr(ds, key, value)
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in ipp]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in AXIAL]
-        ds.PixelSpacing = ["1.25", "1.25"]
-        ds.SliceThickness = f"{spacing:g}"
-        ds.Rows = ds.Columns = size
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
-        ds.PixelData = rng.integers(0, 2000, (size, size)).astype("<i2").tobytes()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta = meta
-        path = folder / f"{prefix}{k:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+def write_phi_series(folder: Path, n: int = 5, *, tag: int = 1, phi: dict | None = None, **kw) -> list[Path]:
+    """A CT series (helpers.write_ct_series) whose headers carry `phi`; UIDs are distinctive, under UID_ROOT."""
+    return write_ct_series(folder, n, size=20, origin=(-15.0, -15.0, 0.0), pixel_spacing="1.25", image_type=None,
+                           uid_root=UID_ROOT, tag=tag, tags={"SpecificCharacterSet": "ISO_IR 100", **(phi or {})}, **kw)
 
 
 def write_nifti_with_phi(path: Path) -> Path:
@@ -182,13 +145,13 @@ def cohort(tmp_path_factory):
     synth_phi = dicom_phi(cfg.out_dir)
 
     planted = root / "planted"
-    write_ct_series(planted / "ok", tag=1, phi=PLANTED, seed=1)
-    write_ct_series(planted / "by_series_uid", tag=2, phi=PLANTED, seed=2)
+    write_phi_series(planted / "ok", tag=1, phi=PLANTED, seed=1)
+    write_phi_series(planted / "by_series_uid", tag=2, phi=PLANTED, seed=2)
     # A second series in the same folder, for the manifest's series_uid to choose between.
-    write_ct_series(planted / "by_series_uid", tag=3, n=3, phi=PLANTED, prefix="B", seed=3)
+    write_phi_series(planted / "by_series_uid", tag=3, n=3, phi=PLANTED, prefix="B", seed=3)
     gap = [(-15.0, -15.0, z) for z in (0.0, 2.5, 5.0, 10.0, 12.5)]
-    write_ct_series(planted / "missing_slice", tag=4, positions=gap, phi=PLANTED, seed=4)
-    write_ct_series(planted / "modality_mismatch", tag=5, phi=PLANTED, seed=5)
+    write_phi_series(planted / "missing_slice", tag=4, positions=gap, phi=PLANTED, seed=4)
+    write_phi_series(planted / "modality_mismatch", tag=5, phi=PLANTED, seed=5)
     write_nifti_with_phi(planted / "mr.nii.gz")
     rows += [
         {"case_id": "site-c101", "patient_id": "site-p101", "modality": "CT", "path": "planted/ok", "label": "1"},
@@ -212,9 +175,8 @@ def cohort(tmp_path_factory):
             "patterns": identifier_patterns(identifiers)}
 
 
-def _ingest_cfg(root: Path, **extra) -> dict:
-    return {"out_dir": str(root / "out"), "cache_dir": str(root / "cache"), "workers": 1, "spacing": [5.0, 5.0, 5.0],
-            "shape": [24, 24, 24], "max_rejected_fraction": 1.0, **extra}
+# The ingest section of these runs: helpers.ingest_config at 5 mm / 24^3, one worker, no rejection ceiling.
+_ingest_cfg = partial(ingest_config, workers=1, spacing=[5.0, 5.0, 5.0], shape=[24, 24, 24], max_rejected_fraction=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -252,11 +214,6 @@ def cli_run(cohort, tmp_path_factory):
                            "--params", str(params_file)], capture_output=True, cwd=root, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(root)})
     return root, proc
-
-
-def _index(out: Path) -> list[dict]:
-    with (out / "index.csv").open(newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 # ----------------------------------------------------------------------------- tests
@@ -308,7 +265,7 @@ def test_cli_outputs_and_logs_hold_no_phi(cohort, cli_run):
 @pytest.mark.parametrize("run", ["in_process", "cli_run"])
 def test_index_ids_are_exactly_the_manifest_pseudonyms(cohort, run, request):
     root = request.getfixturevalue(run)[0]
-    rows = _index(root / "out")
+    rows = read_index(root / "out")
     assert [(r["case_id"], r["patient_id"]) for r in rows] == [(r["case_id"], r["patient_id"]) for r in cohort["rows"]]
     status = {r["case_id"]: (r["status"], r["reason_code"]) for r in rows}
     # The planted cases went through both the ok and the rejected paths.
@@ -324,7 +281,7 @@ def test_phi_in_folder_names_stays_out_of_reasons(tmp_path):
     """Exports often name folders after the patient; rejection reasons must not echo the path."""
     base = tmp_path / "Zyxwvut_Qwertyuiop_PHI-7731-X_19230417"
     (base / "empty").mkdir(parents=True)
-    write_ct_series(base / "gap", tag=9, positions=[(0.0, 0.0, z) for z in (0.0, 2.5, 7.5, 10.0)], seed=9)
+    write_phi_series(base / "gap", tag=9, positions=[(0.0, 0.0, z) for z in (0.0, 2.5, 7.5, 10.0)], seed=9)
     (base / "text").mkdir()
     (base / "text" / "readme.txt").write_text("not DICOM\n")
     manifest = tmp_path / "manifest.csv"

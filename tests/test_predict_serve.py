@@ -30,11 +30,11 @@ CHAMPION = f"models:/{NAME}@champion"
 @pytest.fixture(scope="module")
 def served(tiny_ingested, demo_cohort, tmp_path_factory):
     """A tiny model trained, evaluated and registered as champion; evaluate's probabilities by case."""
-    from pipeline.evaluate import run_evaluate
-    from pipeline.manifest import read_manifest
-    from pipeline.registry import run_register
-    from pipeline.tracking import experiment_name
-    from pipeline.train import run_train
+    from pipeline.sources.manifest import read_manifest
+    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.register import run_register
+    from pipeline.stages.train import run_train
+    from pipeline.tracking.runs import experiment_name
 
     tmp = tmp_path_factory.mktemp("serve")
     raw = tiny_params(tmp, tiny_ingested)
@@ -75,15 +75,15 @@ def test_a_dataframe_of_paths_is_read_by_the_ingest_code(served):
     out = model.unwrap_python_model().predict_studies(df)
     assert list(out["status"]) == ["ok", "ok"] and list(out["modality"]) == ["CT", "MR"]  # CT read from the header
     for (_, row), case in zip(out.iterrows(), (ct, mr)):
-        assert row["p_1"] == pytest.approx(served["evaluated"][case.case_id], abs=1e-4)
-        assert row["decision"] == int(row["p_1"] >= served["threshold"])
+        assert row["p_lesion"] == pytest.approx(served["evaluated"][case.case_id], abs=1e-4)
+        assert row["decision"] == int(row["p_lesion"] >= served["threshold"])
     # The tensor signature is enforced before `predict`: paths never reach the model through it (nor over HTTP).
     with pytest.raises(mlflow.exceptions.MlflowException, match="schema"):
         model.predict(df)
 
 
 def test_a_batch_reports_bad_studies_and_keeps_going_without_phi(served, tmp_path):
-    from pipeline.predict import run_predict, study_id
+    from pipeline.stages.predict import run_predict, study_id
 
     empty = tmp_path / "empty-study"
     empty.mkdir()
@@ -98,7 +98,7 @@ def test_a_batch_reports_bad_studies_and_keeps_going_without_phi(served, tmp_pat
     assert all(re.fullmatch(r"study-[0-9a-f]{12}\.json", f) for f in files) and len(files) == 3
     good = json.loads((out / f"{study_id(phi_named)}.json").read_text())
     assert good["status"] == "ok" and good["model"] == {"uri": CHAMPION, "name": NAME, "version": "1"}
-    p1 = good["probabilities"]["1"]
+    p1 = good["probabilities"]["lesion"]
     assert p1 == pytest.approx(served["evaluated"][served["ct"].case_id], abs=1e-4)
     assert sum(good["probabilities"].values()) == pytest.approx(1.0)
     assert good["decision"]["index"] == int(p1 >= served["threshold"]) and good["decision"]["threshold"] > 0
@@ -112,14 +112,14 @@ def test_a_batch_reports_bad_studies_and_keeps_going_without_phi(served, tmp_pat
 
 
 def test_nifti_study_with_modality_and_optional_saliency(served, tmp_path):
-    from pipeline.predict import run_predict
+    from pipeline.stages.predict import run_predict
 
     out = tmp_path / "out"
     summary = run_predict(CHAMPION, [served["mr"].path], out, modality="MR", saliency=True,
                           tracking_uri=served["uri"], progress=False)
     rec = summary["records"][0]
     assert rec["status"] == "ok" and rec["modality"] == "MR"
-    assert rec["probabilities"]["1"] == pytest.approx(served["evaluated"][served["mr"].case_id], abs=1e-4)
+    assert rec["probabilities"]["lesion"] == pytest.approx(served["evaluated"][served["mr"].case_id], abs=1e-4)
     import nibabel as nib
 
     overlay = nib.load(str(out / rec["saliency"]))
@@ -144,7 +144,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 
 
 def test_the_champion_is_served_over_http(served, tiny_ingested, tmp_path):
-    from pipeline.data import load_split
+    from pipeline.io.tensors import load_split
 
     port = _free_port()
     bin_dir = str(Path(sys.executable).parent)  # uvicorn lives beside the interpreter
@@ -184,3 +184,51 @@ def test_the_champion_is_served_over_http(served, tiny_ingested, tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         log.close()
+
+
+@pytest.mark.parametrize("class_index", [None, 1])
+def test_explain_and_predict_give_one_decision_and_one_map(served, tmp_path, class_index):
+    """The same case through `resdx explain` (ingested tensor, checkpoint) and `resdx predict --saliency`
+    (source study, registered model): one calibrated decision, one explained class (the decided one, or
+    the configured `explain.class_index`), one map with the same method and shifts."""
+    import nibabel as nib
+
+    from pipeline.stages.explain import run_explain
+    from pipeline.stages.predict import run_predict
+
+    case = served["ct"]
+    split = next(r["split"] for r in csv.DictReader((served["tmp"] / "reports/predictions.csv").open())
+                 if r["case_id"] == case.case_id)
+    params = served["params"]
+    ex_cfg = params.explain.model_copy(update={"out_dir": tmp_path / "explain", "splits": [split],
+                                               "write_dicom": False, "class_index": class_index})
+    assert ex_cfg.shifts == 2  # the shipped default, used by both
+    run_explain(params.model_copy(update={"explain": ex_cfg}), case_ids=[case.case_id])
+    explained = next(csv.DictReader((tmp_path / "explain/cases.csv").open()))
+    evaluated = next(r for r in csv.DictReader((served["tmp"] / "reports/predictions.csv").open())
+                     if r["case_id"] == case.case_id)
+    assert explained["decision"] == evaluated["decision"]  # evaluate and explain decide alike
+    expected_class = int(explained["decision"]) if class_index is None else class_index
+    assert int(explained["explained_class"]) == expected_class
+
+    rec = run_predict(CHAMPION, [case.path], tmp_path / "pred", saliency=True, tracking_uri=served["uri"],
+                      progress=False, explain=ex_cfg)["records"][0]
+    assert rec["status"] == "ok"
+    assert rec["decision"]["index"] == int(explained["decision"])
+    assert rec["saliency_class"] == ["no lesion", "lesion"][expected_class]
+    a = np.asarray(nib.load(str(tmp_path / "explain" / explained["overlay"])).dataobj)
+    b = np.asarray(nib.load(str(tmp_path / "pred" / rec["saliency"])).dataobj)
+    assert a.shape == b.shape
+    if class_index == 1:
+        assert a.max() > 0.5  # a real map, not two empty ones
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_run_predict_defaults_to_the_params_explain_settings():
+    import inspect
+
+    from pipeline.config import ExplainConfig
+    from pipeline.stages.predict import run_predict
+
+    assert inspect.signature(run_predict).parameters["explain"].default is None  # None -> ExplainConfig()
+    assert ExplainConfig().shifts == 2 and ExplainConfig().class_index is None

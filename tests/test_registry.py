@@ -12,22 +12,17 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import tiny_params
-
-from pipeline.config import params_from_dict
+from helpers import train_params
 
 NAME = "resdx-reg"
 
 
-def _params(tmp: Path, ingest_dir: Path, **register):
-    raw = tiny_params(tmp, ingest_dir)
-    raw["register"] = {"model_name": NAME, "min_auroc_ci_low": 0.0, "max_ece_calibrated": 1.0, **register}
-    return params_from_dict(raw)
+REGISTER = {"model_name": NAME, "min_auroc_ci_low": 0.0, "max_ece_calibrated": 1.0}
 
 
 def _isolate_artifacts(params, tmp: Path) -> None:
     """Create the experiment first so that artifacts go to tmp, not to ./mlruns."""
-    from pipeline.tracking import experiment_name
+    from pipeline.tracking.runs import experiment_name
 
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
     mlflow.create_experiment(experiment_name(params), artifact_location=(tmp / "artifacts").as_uri())
@@ -46,7 +41,9 @@ def _variant(models_dir: Path, out: Path, scale: float) -> Path:
 
     shutil.copytree(models_dir, out)
     w = load_file(str(out / "model.safetensors"))
-    for k in ("fc.weight", "fc.bias"):
+    head = [k for k in w if k.startswith(("fc.", "avgpool.evidence."))]  # avg-pool head or the LSE evidence head
+    assert head, sorted(w)
+    for k in head:
         w[k] = (w[k] * scale).contiguous()
     save_file(w, str(out / "model.safetensors"))
     return out
@@ -60,13 +57,13 @@ def _predictions(tmp: Path, split: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reg(tiny_ingested, tmp_path_factory):
     """Train + evaluate once, then three registrations: pass, fail thresholds, worse than the champion."""
-    from pipeline.data import load_split
-    from pipeline.evaluate import run_evaluate
-    from pipeline.registry import run_register
-    from pipeline.train import run_train
+    from pipeline.io.tensors import load_split
+    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.register import run_register
+    from pipeline.stages.train import run_train
 
     tmp = tmp_path_factory.mktemp("reg")
-    params = _params(tmp, tiny_ingested)
+    params = train_params(tmp, tiny_ingested, register=REGISTER)
     _isolate_artifacts(params, tmp)
     run_train(params, progress=False)
     run_evaluate(params)
@@ -75,7 +72,8 @@ def reg(tiny_ingested, tmp_path_factory):
     images = {s: load_split(tiny_ingested, s).images.numpy() for s in ("val", "test")}
     out["by_alias"] = {a: {s: mlflow.pyfunc.load_model(f"models:/{NAME}@{a}").predict(x) for s, x in images.items()}
                        for a in ("candidate", "champion")}
-    out["second"] = run_register(_params(tmp, tiny_ingested, min_auroc_ci_low=1.0, max_ece_calibrated=0.0))
+    out["second"] = run_register(train_params(
+        tmp, tiny_ingested, register={**REGISTER, "min_auroc_ci_low": 1.0, "max_ece_calibrated": 0.0}))
     client = mlflow.MlflowClient(tracking_uri=params.mlflow.tracking_uri)
     out["second_aliases"] = sorted(client.get_model_version(NAME, out["second"]["version"]).aliases)
     if float(out["first"]["tags"]["test_auroc"]) < 0.5:  # make sure the champion ranks better than chance
@@ -86,8 +84,8 @@ def reg(tiny_ingested, tmp_path_factory):
 
 
 def test_first_registration_is_tagged_and_becomes_champion(reg):
-    from pipeline.plan import plan_hash
-    from pipeline.tracking import git_commit
+    from pipeline.core.plan import load_plan
+    from pipeline.tracking.runs import git_commit
 
     tmp, first = reg["tmp"], reg["first"]
     assert first["version"] == "1" and first["aliases"] == ["candidate", "champion"] and first["gate"]["passed"]
@@ -95,7 +93,7 @@ def test_first_registration_is_tagged_and_becomes_champion(reg):
     info = json.loads((tmp / "models/model.json").read_text())
     test = json.loads((tmp / "reports/metrics.json").read_text())["test"]
     assert tags["data_hash"] == info["data_hash"] and tags["git_commit"] == git_commit()
-    assert tags["plan_hash"] == plan_hash(json.loads((tmp / "models/plan.json").read_text()))
+    assert tags["plan_hash"] == load_plan(tmp / "models/plan.json").hash()
     assert tags["mlflow_run_id"] == json.loads((tmp / "models/mlflow_run.json").read_text())["run_id"]
     assert float(tags["test_auroc"]) == pytest.approx(test["auroc"])
     assert float(tags["test_auroc_ci_low"]) == pytest.approx(test["auroc_ci95"][0])
@@ -148,7 +146,7 @@ def test_a_model_worse_than_the_champion_on_the_same_test_set_is_not_promoted(re
 
 
 def test_compare_with_champion_rule_and_delong():
-    from pipeline.registry import compare_with_champion
+    from pipeline.core.gate import compare_with_champion
 
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 40)
@@ -164,7 +162,7 @@ def test_compare_with_champion_rule_and_delong():
 
 
 def test_manual_promote_and_demote_are_recorded(reg):
-    from pipeline.registry import demote, promote
+    from pipeline.tracking.registry import demote, promote
 
     params = reg["params"].model_copy(update={"register": reg["params"].register.model_copy(
         update={"model_name": "resdx-manual"})})
@@ -207,7 +205,7 @@ def test_loading_and_predicting_unpickles_nothing(reg, monkeypatch):
     mlmodel = (reg["local"] / "MLmodel").read_text()
     assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel and "model_code_path" in mlmodel
     assert (reg["local"] / "artifacts/model.safetensors").exists()
-    assert (reg["local"] / "code/pipeline/serving_model.py").exists()
+    assert (reg["local"] / "code/pipeline/tracking/serving_model.py").exists()
 
 
 def test_model_card_is_written_and_bundled(reg):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from browser import ARTIFACTS, chromium_context
 
-from pipeline.report import build_report, contact_sheet, write_report
+from pipeline.reporting.report import build_report, contact_sheet, write_report
 
 PROBS = [0.91, 0.12, 0.55, 0.73, 0.08, 0.64, 0.33, 0.97]
 LABELS = [1, 0, 1, 0, 0, 1, 1, 1]

@@ -15,7 +15,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, RLELossless
 
 from pipeline.config import SynthesizeConfig
-from pipeline.synthesize import (
+from pipeline.core.phantom import (
     AIR,
     BONE,
     LUNG,
@@ -28,9 +28,8 @@ from pipeline.synthesize import (
     make_ct_geometry,
     make_phantom,
     phantom_labels,
-    plan_cohort,
-    synthesize,
 )
+from pipeline.stages.synthesize import plan_cohort, synthesize
 
 PHI_TAGS = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
             "AccessionNumber", "InstitutionName", "ReferringPhysicianName", "StudyID"]

@@ -11,19 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_params
+from helpers import train_params
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import load_checkpoint
 from pipeline.config import params_from_dict
-from pipeline.models import ModelSpec, build_model
+from pipeline.core.models import ModelSpec, build_model
+from pipeline.io.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _raw(tmp: Path, ingest_dir: Path, **train) -> dict:
-    from conftest import tiny_params
-
-    return tiny_params(tmp, ingest_dir, **train)
 
 
 @pytest.mark.parametrize("name", ["resnet10", "resnet18", "resnet34", "resnet50", "plain_cnn"])
@@ -41,10 +37,10 @@ def test_resnets_default_to_a_stride_2_stem():
 
 
 def test_plain_cnn_explains_its_last_conv_stage():
-    from pipeline.saliency import saliency
+    from pipeline.core.saliency import class_map
 
-    model = build_model(ModelSpec("plain_cnn", 3, 1, 2, 3))
-    cam, cls, _ = saliency(model, torch.randn(1, 24, 24, 24), target_layer="layer4")
+    model = build_model(ModelSpec("plain_cnn", 3, 1, 2, 3)).eval()
+    cam = class_map(model, torch.randn(1, 1, 24, 24, 24), 1, target_layer="layer4")
     assert cam.shape == (24, 24, 24) and 0 <= cam.min() and cam.max() <= 1
 
 
@@ -57,10 +53,10 @@ def test_plain_cnn_has_no_residual_connections():
 
 
 def test_training_is_deterministic_on_cpu_and_writes_the_contract(tiny_ingested, tmp_path):
-    from pipeline.train import run_train
+    from pipeline.stages.train import run_train
 
-    a = run_train(params_from_dict(_raw(tmp_path / "a", tiny_ingested)), progress=False)
-    b = run_train(params_from_dict(_raw(tmp_path / "b", tiny_ingested)), progress=False)
+    a = run_train(train_params(tmp_path / "a", tiny_ingested), progress=False)
+    b = run_train(train_params(tmp_path / "b", tiny_ingested), progress=False)
     wa = load_file(str(tmp_path / "a/models/model.safetensors"))
     wb = load_file(str(tmp_path / "b/models/model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -81,10 +77,10 @@ def _assert_contract(models: Path, epochs: int) -> None:
 
 
 def test_killed_run_resumes_to_the_same_weights(tiny_ingested, tmp_path, monkeypatch):
-    from pipeline import train as train_mod
+    from pipeline.stages import train as train_mod
 
     full = tmp_path / "full"
-    train_mod.run_train(params_from_dict(_raw(full, tiny_ingested, epochs=3)), progress=False)
+    train_mod.run_train(train_params(full, tiny_ingested, train={"epochs": 3}), progress=False)
     part = tmp_path / "part"
     real_save = train_mod._save_state
 
@@ -95,12 +91,12 @@ def test_killed_run_resumes_to_the_same_weights(tiny_ingested, tmp_path, monkeyp
 
     monkeypatch.setattr(train_mod, "_save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.run_train(params_from_dict(_raw(part, tiny_ingested, epochs=3)), progress=False)
+        train_mod.run_train(train_params(part, tiny_ingested, train={"epochs": 3}), progress=False)
     import mlflow
 
     mlflow.end_run()
     monkeypatch.setattr(train_mod, "_save_state", real_save)
-    resumed = train_mod.run_train(params_from_dict(_raw(part, tiny_ingested, epochs=3)), progress=False)
+    resumed = train_mod.run_train(train_params(part, tiny_ingested, train={"epochs": 3}), progress=False)
     assert len(resumed.history) == 3
     wa = load_file(str(full / "models/model.safetensors"))
     wb = load_file(str(part / "models/model.safetensors"))
@@ -110,9 +106,9 @@ def test_killed_run_resumes_to_the_same_weights(tiny_ingested, tmp_path, monkeyp
 def test_mlflow_run_has_params_metrics_tags_and_plan(tiny_ingested, tmp_path):
     import mlflow
 
-    from pipeline.train import run_train
+    from pipeline.stages.train import run_train
 
-    s = run_train(params_from_dict(_raw(tmp_path, tiny_ingested)), progress=False)
+    s = run_train(train_params(tmp_path, tiny_ingested), progress=False)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(s.run_id)
     assert run.data.params["model.name"] == "resnet10" and run.data.params["train.batch_size"] == "4"
@@ -124,7 +120,7 @@ def test_mlflow_run_has_params_metrics_tags_and_plan(tiny_ingested, tmp_path):
 
 
 def test_ddp_with_two_gloo_processes_matches_the_single_process_contract(tiny_ingested, tmp_path):
-    raw = _raw(tmp_path, tiny_ingested)
+    raw = tiny_params(tmp_path, tiny_ingested)
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
@@ -142,7 +138,7 @@ def test_ddp_with_two_gloo_processes_matches_the_single_process_contract(tiny_in
 
 
 def test_medicalnet_weights_load_from_a_local_path(tmp_path):
-    from pipeline.models import load_medicalnet
+    from pipeline.core.models import load_medicalnet
 
     source = build_model(ModelSpec("resnet10", 3, 1, 2, 3))
     state = {f"module.{k}": v for k, v in source.state_dict().items() if not k.startswith("fc.")}
@@ -160,7 +156,7 @@ def test_stages_log_to_a_stand_in_run_when_the_training_run_is_not_in_the_store(
     run the store lacks: later stages log to one tagged stand-in instead of failing."""
     import mlflow
 
-    from pipeline.tracking import training_run_id
+    from pipeline.tracking.runs import training_run_id
 
     params = params_from_dict({"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
     models = tmp_path / "models"

@@ -1,5 +1,4 @@
-"""Readers and writers for DICOM and NIfTI, returning PHI-free `Volume`s."""
+"""Files in and out: DICOM and NIfTI readers/writers, tensors, checkpoints, atomic artifact writes.
 
-from pipeline.io.volume import Volume
-
-__all__ = ["Volume"]
+May import `pipeline.core`, `pipeline.config` and `pipeline.errors`; never a stage, MLflow or the CLI.
+"""

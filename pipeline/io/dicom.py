@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.core.volume import Volume
 from pipeline.errors import RejectedCase
 from pipeline.io.dicom_scan import scan
 from pipeline.io.dicom_stack import choose_stack, group_stacks, stack_to_volume
-from pipeline.io.volume import Volume
 
 
 def read_dicom_series(

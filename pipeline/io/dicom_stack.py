@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pydicom
 
+from pipeline.core.volume import LPS_TO_RAS, Volume
 from pipeline.errors import RejectedCase
 from pipeline.io.dicom_scan import Frame
-from pipeline.io.volume import LPS_TO_RAS, Volume
 
 POSITION_TOL_MM = 0.01  # positions closer than this along the normal are the same slice
 SPACING_REL_TOL = 0.02  # slice gaps within 2% of the median count as uniform (text rounding, jitter)

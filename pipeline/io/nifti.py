@@ -9,8 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from pipeline.core.volume import Volume
 from pipeline.errors import RejectedCase
-from pipeline.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 

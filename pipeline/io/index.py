@@ -1,0 +1,61 @@
+"""index.csv (one row per source case: ok / rejected + reason), the splits file and the ingest summary.
+
+Written by every source (manifest, MedMNIST) in the same columns, read by every later stage.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.io.artifacts import save_csv, save_dict_csv
+from pipeline.layout import IngestDir
+
+INDEX_COLUMNS = [
+    "case_id", "patient_id", "split", "label", "modality", "status", "reason_code", "reason",
+    "source_format", "manufacturer", "native_shape", "native_spacing", "tensor", "tensor_shape", "source_hash",
+]
+SPLITS_COLUMNS = ["case_id", "patient_id", "label", "split"]
+
+
+@dataclass
+class IngestSummary:
+    n_rows: int
+    n_ok: int
+    n_rejected: int
+    reasons: dict = field(default_factory=dict)
+    n_cached: int = 0
+    n_reused: int = 0
+    seconds: float = 0.0
+    by_modality: dict = field(default_factory=dict)
+    splits: dict = field(default_factory=dict)
+
+
+def write_index(path: Path, records: list[dict]) -> None:
+    save_dict_csv(path, INDEX_COLUMNS, records)
+
+
+def read_index(ingest_dir: Path | str) -> list[dict]:
+    with IngestDir(ingest_dir).index.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_splits(path: Path, rows: list[dict]) -> None:
+    """The split of every valid row, for review and reuse (put it in the manifest's `split` to pin it)."""
+    save_csv(path, SPLITS_COLUMNS, ([r[c] for c in SPLITS_COLUMNS] for r in rows))
+
+
+def remove_stale(folder: Path, keep: set[str], suffixes: tuple[str, ...] = (".npy", ".json"),
+                 protect: tuple[str, ...] = ()) -> None:
+    """Delete files of cases this run does not produce, and temp files left by a killed run."""
+    if not folder.exists():
+        return
+    for f in folder.iterdir():
+        if f.name in protect:
+            continue
+        stem = f.name
+        for s in suffixes:
+            stem = stem.removesuffix(s)
+        if f.name.startswith(".tmp-") or stem not in keep:
+            f.unlink(missing_ok=True)

@@ -1,0 +1,83 @@
+"""The ingested tensors of a split, loaded once (pickle-free) and stacked, plus what ingest recorded per case.
+
+No per-epoch file reading: all `ok` tensors of a split are stacked into one contiguous
+tensor (pinned when a GPU is used) and batches are gathered with `index_select`, which
+is cheaper than a DataLoader collating per-item samples.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.core.plan import Plan, load_plan
+from pipeline.errors import MissingInput
+from pipeline.io.index import read_index
+from pipeline.layout import IngestDir
+
+
+@dataclass
+class CaseSet:
+    """The ok cases of one split: ids, labels, and their tensors stacked (N, C, *spatial)."""
+
+    case_ids: list[str]
+    patient_ids: list[str]
+    labels: torch.Tensor
+    images: torch.Tensor
+    meta: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+
+def read_plan(ingest_dir: Path | str) -> Plan:
+    return load_plan(IngestDir(ingest_dir).plan)
+
+
+def read_sidecar(ingest_dir: Path | str, case_id: str) -> dict:
+    """What ingest recorded about a case's geometry (native grid, tensor affine); {} for array sources."""
+    path = IngestDir(ingest_dir).sidecar(case_id)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_native_mask(ingest_dir: Path | str, case_id: str) -> np.ndarray | None:
+    """The case's lesion mask on its native grid, as ingest recorded it; None when it has none."""
+    path = IngestDir(ingest_dir).mask(case_id)
+    return np.load(path, allow_pickle=False) if path.exists() else None
+
+
+def load_split(ingest_dir: Path | str, split: str, pin: bool = False) -> CaseSet:
+    """Stack the tensors of every `ok` case in `split` (loaded once, pickle-free)."""
+    ingest_dir = Path(ingest_dir)
+    if not IngestDir(ingest_dir).index.exists():
+        raise MissingInput(f"{IngestDir(ingest_dir).index} is missing", hint="run the ingest stage first")
+    rows = [r for r in read_index(ingest_dir) if r["status"] == "ok" and r["split"] == split]
+    arrays = [np.load(ingest_dir / r["tensor"], mmap_mode="r", allow_pickle=False) for r in rows]
+    if arrays:
+        images = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
+    else:
+        images = torch.zeros((0,))
+    if pin and torch.cuda.is_available():
+        images = images.pin_memory()
+    labels = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
+    meta = [{k: r.get(k, "") for k in ("modality", "manufacturer")} for r in rows]
+    return CaseSet([r["case_id"] for r in rows], [r["patient_id"] for r in rows], labels, images, meta)
+
+
+def to_device_if_fits(cases: CaseSet, device: torch.device, fraction: float = 0.25) -> CaseSet:
+    """Move the cached tensors to the GPU when they take under `fraction` of its free memory.
+
+    Then batches are gathered on the device: no host-to-device copy per step (a copy from the
+    pageable result of `index_select` would also be synchronous). Otherwise they stay in RAM.
+    """
+    if device.type != "cuda" or not len(cases):
+        return cases
+    free, _total = torch.cuda.mem_get_info(device)
+    if cases.images.element_size() * cases.images.nelement() < fraction * free:
+        cases.images = cases.images.to(device)
+        cases.labels = cases.labels.to(device)
+    return cases

@@ -1,0 +1,145 @@
+(function () {
+  "use strict";
+  var REPORT_ID = document.documentElement.getAttribute("data-report-id") || "";
+  var STORE = "resdx-review:" + REPORT_ID;
+  var tbody = document.getElementById("case-rows");
+  function $(id) { return document.getElementById(id); }
+  function rows() { return Array.prototype.slice.call(tbody.querySelectorAll("tr.case")); }
+  function num(s) { var x = parseFloat(s); return isNaN(x) ? null : x; }
+  var collator = new Intl.Collator(undefined, {numeric: true, sensitivity: "base"});
+
+  function keyOf(row, key) {
+    var d = row.dataset;
+    if (key === "index") return num(d.index);
+    if (key === "caseId") return d.caseId;
+    if (key === "label") { var l = num(d.label); return l === null ? d.label : l; }
+    if (key === "correct") return d.correct === "" ? null : num(d.correct);
+    return num(d[key]);
+  }
+  function compare(a, b) {
+    if (a === null || a === "") return (b === null || b === "") ? 0 : 1;
+    if (b === null || b === "") return -1;
+    if (typeof a === "number" && typeof b === "number") return a - b;
+    return collator.compare(String(a), String(b));
+  }
+  function applySort() {
+    var key = $("sort-key").value, dir = $("sort-dir").value === "desc" ? -1 : 1;
+    var rs = rows();
+    rs.sort(function (a, b) {
+      var ka = keyOf(a, key), kb = keyOf(b, key);
+      var missing = (ka === null || ka === "") - (kb === null || kb === "");
+      if (missing) return missing;  /* missing values always last */
+      var r = dir * compare(ka, kb);
+      return r || (num(a.dataset.index) - num(b.dataset.index));
+    });
+    rs.forEach(function (r) { tbody.appendChild(r); });
+  }
+  function applyFilter() {
+    var lab = $("f-label").value, cor = $("f-correct").value;
+    var lo = num($("f-pmin").value), hi = num($("f-pmax").value);
+    var shown = 0, all = rows();
+    all.forEach(function (r) {
+      var p = num(r.dataset.probability), ok = true;
+      if (lab !== "" && r.dataset.label !== lab) ok = false;
+      if (cor !== "" && r.dataset.correct !== cor) ok = false;
+      if (lo !== null && (p === null || p < lo)) ok = false;
+      if (hi !== null && (p === null || p > hi)) ok = false;
+      r.hidden = !ok;
+      if (ok) shown++;
+    });
+    $("shown-count").textContent = "Showing " + shown + " of " + all.length + " cases";
+  }
+
+  function reviewOf(row) {
+    var c = row.querySelector("input[type=radio]:checked");
+    return {review: c ? c.value : "", comment: row.querySelector("textarea.comment").value};
+  }
+  function paint(row) {
+    var v = reviewOf(row).review;
+    row.classList.remove("rv-agree", "rv-disagree", "rv-unsure");
+    if (v) row.classList.add("rv-" + v);
+  }
+  function countReviewed() {
+    var all = rows(), n = all.filter(function (r) { return reviewOf(r).review !== ""; }).length;
+    $("review-count").textContent = n + " of " + all.length + " reviewed";
+  }
+  function save() {
+    var marks = {};
+    rows().forEach(function (r) {
+      var v = reviewOf(r);
+      if (v.review || v.comment) marks[r.dataset.caseId] = v;
+    });
+    try { window.localStorage.setItem(STORE, JSON.stringify(marks)); } catch (e) { /* storage unavailable */ }
+  }
+  function restore() {
+    var marks = null;
+    try { marks = JSON.parse(window.localStorage.getItem(STORE) || "null"); } catch (e) { marks = null; }
+    if (!marks) return;
+    rows().forEach(function (r) {
+      var v = marks[r.dataset.caseId];
+      if (!v) return;
+      r.querySelectorAll("input[type=radio]").forEach(function (i) { i.checked = i.value === v.review; });
+      r.querySelector("textarea.comment").value = v.comment || "";
+      paint(r);
+    });
+  }
+
+  function csvField(s) {
+    s = s === null || s === undefined ? "" : String(s);
+    return /[",\r\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+  }
+  /* All cases (filtered or not), in the original order; RFC 4180 quoting and CRLF line ends. */
+  function buildCSV() {
+    var lines = [["case_id", "label", "probability", "decision", "review", "comment"]];
+    rows().slice().sort(function (a, b) { return num(a.dataset.index) - num(b.dataset.index); })
+      .forEach(function (r) {
+        var v = reviewOf(r), d = r.dataset;
+        lines.push([d.caseId, d.label, d.probability, d.decision, v.review, v.comment]);
+      });
+    return lines.map(function (l) { return l.map(csvField).join(","); }).join("\r\n") + "\r\n";
+  }
+  function exportCSV() {
+    var blob = new Blob([buildCSV()], {type: "text/csv;charset=utf-8"});
+    var url = URL.createObjectURL(blob);
+    var a = document.createElement("a");
+    a.href = url;
+    a.download = "review-" + (REPORT_ID || "report") + ".csv";
+    a.style.display = "none";
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(function () { URL.revokeObjectURL(url); }, 10000);
+  }
+  window.resdxReviewCSV = buildCSV;
+
+  ["sort-key", "sort-dir"].forEach(function (id) { $(id).addEventListener("change", applySort); });
+  ["f-label", "f-correct", "f-pmin", "f-pmax"].forEach(function (id) {
+    $(id).addEventListener("change", applyFilter);
+    $(id).addEventListener("input", applyFilter);
+  });
+  $("f-reset").addEventListener("click", function () {
+    $("f-label").value = ""; $("f-correct").value = ""; $("f-pmin").value = "0"; $("f-pmax").value = "1";
+    applyFilter();
+  });
+  $("export-csv").addEventListener("click", exportCSV);
+  tbody.addEventListener("change", function (ev) {
+    var row = ev.target.closest("tr.case");
+    if (row) { paint(row); countReviewed(); save(); }
+  });
+  tbody.addEventListener("input", function (ev) { if (ev.target.matches("textarea")) save(); });
+  function zoom(ev) {
+    if (ev.target.matches && ev.target.matches("img.slice") &&
+        (ev.type === "click" || ev.key === "Enter" || ev.key === " ")) {
+      ev.preventDefault();
+      ev.target.classList.toggle("zoomed");
+    }
+  }
+  tbody.addEventListener("click", zoom);
+  tbody.addEventListener("keydown", zoom);
+  window.addEventListener("beforeprint", function () {
+    document.querySelectorAll("details").forEach(function (d) { d.setAttribute("open", ""); });
+  });
+  restore();
+  countReviewed();
+  applyFilter();
+})();

@@ -1,0 +1,20 @@
+"""`resdx convert`: one DICOM series to NIfTI in its native grid (like dcm2niix).
+
+No resampling, no normalization: voxels keep their stored order (i along columns,
+j along rows, k along the slice normal) and values (after rescale slope/intercept).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.core.volume import Volume
+from pipeline.io.dicom import read_dicom_series
+from pipeline.io.nifti import write_nifti
+
+
+def convert(src: Path | str, out: Path | str, series_uid: str | None = None) -> Volume:
+    """Convert and write; returns the volume. Raises `RejectedCase` with the reason."""
+    volume = read_dicom_series(src, series_uid=series_uid)
+    write_nifti(volume, out)
+    return volume

@@ -1,0 +1,182 @@
+"""Explain stage: Grad-CAM maps in the scanner's geometry, sanity checks, and the review report.
+
+For every case of the configured splits:
+- the calibrated decision and a map of the class it chose (`pipeline.core.saliency.explain_case`,
+  the same call as `resdx predict --saliency`), taken back to the case's native voxel grid and
+  written as a NIfTI overlay with the source's own affine and shape, and for DICOM inputs also as
+  a DICOM Secondary Capture series (overlay burned in) with new, de-identified UIDs;
+- three orthogonal slices through the map's peak for the report.
+Sanity checks (reported every run): model-parameter randomization (Spearman rank correlation
+and SSIM between trained and randomized maps) and, where lesion masks exist, the pointing
+game and the saliency share inside the lesion, each beside a random-map baseline.
+
+What it reads: the ingest outputs (tensors, their sidecars with the native grid, the masks that
+ingest put on the native grid), the model and calibration; the DICOM sources only for the
+burned-in Secondary Capture (dvc.yaml lists the manifest and the data folder as deps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import Params
+from pipeline.core import sanity as S
+from pipeline.core.classifier import Classifier, DecisionRule
+from pipeline.core.saliency import class_map, explain_case, randomized_copy, to_native
+from pipeline.core.volume import Volume
+from pipeline.errors import MissingInput
+from pipeline.io.artifacts import save_csv, save_json
+from pipeline.io.checkpoint import load_checkpoint
+from pipeline.io.nifti import write_nifti
+from pipeline.io.tensors import load_split, read_native_mask, read_sidecar
+from pipeline.layout import ExplainDir, ReportDir
+from pipeline.reporting.figures import orthogonal_views
+
+
+def load_rule(params: Params, info: dict) -> DecisionRule:
+    path = ReportDir(params.evaluate.out_dir).calibration
+    if not path.exists():
+        raise MissingInput(f"{path} is missing", hint="run the evaluate stage first")
+    return DecisionRule.from_calibration(json.loads(path.read_text()), info.get("class_names"))
+
+
+def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
+    """Maps, overlays, sanity checks and the report for the configured splits (or given cases)."""
+    from pipeline.reporting.report import contact_sheet, write_report
+
+    cfg = params.explain
+    out = Path(cfg.out_dir)
+    ingest_dir = Path(params.ingest.out_dir)
+    model, info = load_checkpoint(params.train.out_dir)
+    rule = load_rule(params, info)
+    clf = Classifier(model, rule, batch_size=1)
+    rand = randomized_copy(model, params.seed)
+    names = list(rule.class_names)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    (out / "dicom").mkdir(parents=True, exist_ok=True)  # a DVC output even when no input is DICOM
+
+    cases, loc, rand_stats, overlays = [], [], [], []
+    for split in cfg.splits:
+        data = load_split(ingest_dir, split)
+        for n, cid in enumerate(data.case_ids):
+            if case_ids and cid not in case_ids:
+                continue
+            if len(cases) >= cfg.max_cases:
+                break
+            x = data.images[n]
+            side = read_sidecar(ingest_dir, cid)
+            ex = explain_case(clf, x, cfg.class_index, cfg.method, cfg.target_layer, cfg.shifts)
+            cam_rand = class_map(rand, x.unsqueeze(0).float(), ex.explained_class, cfg.method, cfg.target_layer,
+                                 cfg.shifts)
+            rand_stats.append(S.spearman_ssim(ex.cam, cam_rand))
+            label = int(data.labels[n])
+            p_shown = float(rule.score(ex.probs[None])[0])
+            rel = ""
+            if ex.cam.ndim == 3 and side:
+                native = to_native(ex.cam, side["tensor_affine"], side["native_shape"], side["native_affine"])
+                rel = f"overlays/{cid}_saliency.nii.gz"
+                write_nifti(Volume(native, np.asarray(side["native_affine"]), {"integer_valued": False}), out / rel)
+                overlays.append((cid, native))
+                mask = read_native_mask(ingest_dir, cid) if label > 0 else None
+                if mask is not None:
+                    # The pointing game asks about the annotated class (Zhang et al. 2016), also
+                    # where the model decided otherwise.
+                    own = native
+                    if ex.explained_class != label:
+                        own = to_native(class_map(model, x.unsqueeze(0).float(), label, cfg.method,
+                                                  cfg.target_layer, cfg.shifts),
+                                        side["tensor_affine"], side["native_shape"], side["native_affine"])
+                    loc.append(S.localization(own, mask))
+            cls = ex.explained_class
+            title = f"{cid}: {names[cls] if cls < len(names) else cls} map, p={p_shown:.2f}"
+            cases.append({
+                "case_id": cid, "split": split, "label": label, "class_name": names[label] if label < len(names) else
+                str(label), "probability": p_shown, "decision": ex.decision, "explained_class": cls,
+                "correct": ex.decision == label, "uncertainty": float(1.0 - abs(2.0 * p_shown - 1.0)),
+                "images": [orthogonal_views(x[0].numpy(), ex.cam, title)], "overlay_path": rel,
+            })
+    sanity = S.summarize(rand_stats, loc)
+    if cfg.write_dicom:
+        sanity["dicom_series_written"] = _write_dicom_overlays(params, overlays, out / "dicom")
+    save_json(ExplainDir(out).sanity, sanity)
+    write_report(out / "report.html", _report_summary(params, info, sanity), cases)
+    contact_sheet(cases, out / "contact_sheet.png")
+    save_csv(out / "cases.csv", ["case_id", "split", "label", "calibrated_probability", "decision",
+                                 "explained_class", "overlay"],
+             [[c["case_id"], c["split"], c["label"], f"{c['probability']:.6f}", c["decision"], c["explained_class"],
+               c["overlay_path"]] for c in cases])
+    _log_mlflow(params, out, sanity, cases)
+    return {"n_cases": len(cases), "sanity": sanity, "report": str(out / "report.html")}
+
+
+def _write_dicom_overlays(params: Params, overlays: list, folder: Path) -> int:
+    """Secondary Capture series for the DICOM inputs among the explained cases."""
+    from pipeline.io.dicom_overlay import write_overlay_series
+    from pipeline.sources.manifest import read_manifest
+
+    if params.data.source != "manifest":
+        return 0
+    rows = {r.case_id: r for r in read_manifest(params.data.manifest)}
+    salt = os.urandom(16)  # de-identified DICOM UIDs: consistent within this run, unlinkable across runs
+    written = 0
+    for cid, native in overlays:
+        row = rows.get(cid)
+        if row is not None and row.path.is_dir():
+            written += write_overlay_series(row.path, row.series_uid, native, folder / cid, row.patient_id, cid, salt)
+    return written
+
+
+def _report_summary(params: Params, info: dict, sanity: dict) -> dict:
+    from pipeline.tracking.runs import git_commit
+
+    ev = Path(params.evaluate.out_dir)
+    metrics = json.loads((ev / "metrics.json").read_text()) if (ev / "metrics.json").exists() else {}
+    calib_png = ev / "figures" / "calibration_test.png"
+    from pipeline.reporting.model_card import build_model_card
+
+    try:  # the card as it stands now (register logs the final one with the version)
+        card_md = build_model_card(params)
+    except (OSError, KeyError, ValueError):
+        card_md = None
+    return {
+        "title": "ResDx saliency review",
+        "model": {"name": info["spec"]["name"], "spatial_dims": info["spec"]["spatial_dims"],
+                  "run_id": info.get("mlflow_run_id", ""), "git_commit": git_commit(),
+                  "best_val_auroc": info.get("best_val_auroc"),
+                  "saliency_map": f"{params.explain.method} of {params.explain.target_layer}, "
+                                  f"{params.explain.shifts} shift(s) per axis"},
+        "data": {"data_hash": info.get("data_hash", ""), "source": info.get("source", "")},
+        "metrics": {k: metrics[k] for k in ("val", "test", "calibration") if k in metrics},
+        "calibration_png": calib_png.read_bytes() if calib_png.exists() else None,
+        "sanity": sanity,
+        "model_card_md": card_md,
+    }
+
+
+def _log_mlflow(params: Params, out: Path, sanity: dict, cases: list) -> None:
+    """Sanity numbers as metrics; report, contact sheet, sanity.json and each case's map (PNG) as artifacts."""
+    import tempfile
+
+    from pipeline.tracking.runs import training_run_id
+
+    run_id = training_run_id(params, params.train.out_dir)
+    if run_id is None:
+        return
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id):
+        flat = {f"saliency_{key}_{k}": float(v) for key, vals in sanity.items() if isinstance(vals, dict)
+                for k, v in vals.items() if isinstance(v, (int, float))}  # bools included, as 0/1
+        mlflow.log_metrics(flat)
+        mlflow.log_artifact(str(out / "report.html"), "explain")
+        mlflow.log_artifact(str(out / "contact_sheet.png"), "explain")
+        mlflow.log_artifact(str(ExplainDir(out).sanity), "explain")
+        with tempfile.TemporaryDirectory(prefix="resdx-maps-") as tmp:
+            for c in cases:
+                for i, png in enumerate(c["images"]):
+                    (Path(tmp) / f"{c['case_id']}{'' if i == 0 else f'_{i}'}.png").write_bytes(png)
+            mlflow.log_artifacts(tmp, "explain/maps")

@@ -1,0 +1,158 @@
+"""Predict stage: new studies (DICOM folders/files, NIfTI files) through a registered model.
+
+The model comes from the registry (``models:/<name>@champion`` by default) and carries its own
+preprocessing plan, calibration and threshold, so a study is read and preprocessed by the same
+code and plan as the training data (see `pipeline.tracking.serving_model`). One JSON per study in OUT:
+calibrated probabilities by class name, the decision at the registered threshold, the model's
+name and version, or the reason the study was rejected. A bad study is reported, never fatal.
+
+No PHI in outputs: a study is named ``study-<hash>``, a short hash of its absolute input path.
+Folder and file names are not used: they often hold patient names or record numbers. The
+same path always gives the same id (`study_id`), so a user can map results back locally.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import ExplainConfig
+
+
+def study_id(path: Path | str) -> str:
+    """``study-`` + 12 hex digits of BLAKE2b over the absolute, normalised path."""
+    return "study-" + hashlib.blake2b(os.path.abspath(os.fspath(path)).encode(), digest_size=6).hexdigest()
+
+
+def resolve_model_version(model_uri: str) -> tuple[str | None, str | None]:
+    """(registered name, version) for ``models:/name@alias`` or ``models:/name/version``; else (None, None)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri.startswith("models:/"):
+        return None, None
+    rest = model_uri[len("models:/"):].strip("/")
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return name, str(MlflowClient().get_model_version_by_alias(name, alias).version)
+        name, _, version = rest.partition("/")
+        if name.startswith("m-") and not version:
+            return None, None  # a logged model id, not a registered version
+        return name, version or None
+    except MlflowException:
+        return None, None
+
+
+def load_registered(model_uri: str):
+    """`mlflow.pyfunc.load_model` and the ResDx implementation behind it."""
+    import mlflow
+
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    impl = pyfunc.unwrap_python_model()
+    if not hasattr(impl, "prepare_study"):
+        raise ValueError(f"{model_uri} is not a ResDx model (no study input)")
+    return pyfunc, impl
+
+
+def explain_study(impl, prep, class_index: int | None, method: str, target_layer: str, shifts: int):
+    """The map of the class the calibrated decision chose (the explain stage's own call), on the native grid."""
+    import torch
+
+    from pipeline.core.saliency import explain_case, to_native
+
+    ex = explain_case(impl.classifier, torch.from_numpy(prep.tensor), class_index, method, target_layer, shifts)
+    native = ex.cam if ex.cam.ndim == 2 else to_native(ex.cam, prep.tensor_affine, prep.native_shape,
+                                                        prep.native_affine)
+    return ex, native
+
+
+def _write_saliency(native: np.ndarray, prep, out: Path, sid: str) -> str:
+    from pipeline.core.volume import Volume
+    from pipeline.io.nifti import write_nifti
+
+    name = f"{sid}_saliency.nii.gz"
+    write_nifti(Volume(data=np.asarray(native, dtype=np.float32), affine=np.asarray(prep.native_affine), meta={}),
+                out / name)
+    return name
+
+
+def predict_one(impl, path: Path | str, modality: str | None = None) -> tuple[dict, dict | None]:
+    """One study -> (result fields, preprocessing record or None when rejected)."""
+    from pipeline.errors import RejectedCase
+
+    rec: dict = {"status": "rejected", "reason_code": "", "reason": "", "modality": None, "probabilities": None,
+                 "decision": None, "notes": []}
+    try:
+        prep = impl.prepare_study(path, modality)
+        probs = impl.predict_tensors(prep.tensor[None])[0]
+    except RejectedCase as err:
+        rec.update(reason_code=err.code, reason=err.reason)
+        return rec, None
+    except Exception as err:  # noqa: BLE001 - one broken study must never stop the batch
+        rec.update(reason_code="unexpected_error", reason=f"{type(err).__name__}: {str(err)[:200]}")
+        return rec, None
+    k = int(impl.decide(probs[None])[0])
+    rule = impl.rule
+    decision = {"class": impl.class_names[k], "index": k, "rule": rule.rule_text(),
+                "threshold": rule.threshold if rule.binary else None}
+    rec.update(status="ok", modality=prep.modality, notes=prep.notes, decision=decision,
+               probabilities={n: float(p) for n, p in zip(impl.class_names, probs)})
+    return rec, prep
+
+
+def run_predict(model_uri: str, paths: list[Path | str], out_dir: Path | str, modality: str | None = None,
+                saliency: bool = False, tracking_uri: str | None = None, progress: bool = True,
+                explain: ExplainConfig | None = None) -> dict:
+    """Predict every study in `paths`; writes OUT/<study-id>.json (and a saliency NIfTI with `saliency`).
+
+    The map uses `explain` (method, layer, shifts, class) — by default the params' defaults, the
+    same as the explain stage's — and explains the class the calibrated decision chose.
+    """
+    import mlflow
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.io.artifacts import save_json
+
+    ex_cfg = explain or ExplainConfig()
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name, version = resolve_model_version(model_uri)
+    _, impl = load_registered(model_uri)
+    model_fields = {"uri": model_uri, "name": name, "version": version}
+    records = []
+    columns = (TextColumn("[bold]predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, disable=not progress) as bar:
+        job = bar.add_task("predict", total=len(paths), info="")
+        for i, path in enumerate(paths):
+            sid = study_id(path)
+            rec, prep = predict_one(impl, path, modality)
+            rec = {"study_id": sid, "input_index": i, **rec, "model": model_fields,
+                   "created_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()}
+            if saliency and prep is not None:
+                try:
+                    ex, native = explain_study(impl, prep, ex_cfg.class_index, ex_cfg.method, ex_cfg.target_layer,
+                                               ex_cfg.shifts)
+                    rec["saliency"] = _write_saliency(native, prep, out, sid)
+                    rec["saliency_class"] = impl.class_names[ex.explained_class]
+                except Exception as err:  # noqa: BLE001 - a failed map must not lose the prediction
+                    rec["saliency"] = None
+                    rec["saliency_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            save_json(out / f"{sid}.json", rec)
+            records.append(rec)
+            bar.update(job, advance=1, info=f"{sid}: {rec['status']}")
+    n_ok = sum(r["status"] == "ok" for r in records)
+    return {"model": model_fields, "out_dir": str(out), "n": len(records), "n_ok": n_ok,
+            "n_rejected": len(records) - n_ok, "records": records}
+
+
+__all__ = ["run_predict", "predict_one", "study_id", "load_registered", "resolve_model_version"]

@@ -1,0 +1,197 @@
+"""Deterministic demo cohort: real DICOM CT series and NIfTI MR volumes of one phantom family.
+
+Every study samples the same kind of anatomy (a torso phantom defined in world RAS millimetres) on its own
+voxel grid, so the files exercise what real readers must get right: DICOM slice sorting, LPS->RAS,
+PixelSpacing order, rescale, RLE decoding, stray files and localizers; NIfTI permuted, flipped and oblique
+affines, int16/float32 storage, arbitrary intensity scales. Label 1 means a lesion blob is present; its
+binary mask is saved on the image's own grid for every study.
+
+This driver holds the cohort plan (patients, studies, labels, fake PHI) and writes the cohort, truth.json
+and the manifest; the phantom and grids are pure in `pipeline.core.phantom` and the DICOM/NIfTI writers
+are in `pipeline.io.synthetic_dicom`.
+
+Everything derives from ``seed`` (numpy Generators, hash-derived UIDs, dates drawn from the generator), so
+one seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import SynthesizeConfig
+from pipeline.core.phantom import make_phantom
+from pipeline.io.artifacts import save_text
+from pipeline.io.synthetic_dicom import (
+    FIRST_NAMES_F,
+    FIRST_NAMES_M,
+    LAST_NAMES,
+    CasePlan,
+    PatientPHI,
+    write_ct_study,
+    write_mr_study,
+)
+from pipeline.progress import progress_map
+
+# Files in out_dir that mark it as ours, so a stale cohort may be deleted but nothing else.
+_MARKER = ".resdx-synthetic"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cohort plan
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SynthesisSummary:
+    out_dir: Path
+    manifest: Path
+    n_patients: int
+    n_studies: int
+    n_ct: int
+    n_mr: int
+    n_positive: int
+    n_compressed: int
+    n_localizers: int
+    n_files: int
+    n_bytes: int
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    # Independent, order-free streams per (seed, key): a case's pixels don't depend on other cases.
+    return np.random.default_rng(np.random.SeedSequence(seed % 2**64, spawn_key=key))
+
+
+def plan_cohort(cfg: SynthesizeConfig, seed: int) -> list[CasePlan]:
+    """Patients, studies, modalities and labels; exact positive count = round(lesion_fraction * studies)."""
+    lo, hi = cfg.studies_per_patient
+    if not 1 <= lo <= hi:
+        raise ValueError(f"studies_per_patient must satisfy 1 <= low <= high, got {cfg.studies_per_patient}")
+    rng = _rng(seed, 0)
+    width = max(3, len(str(cfg.n_patients)))
+    rows: list[tuple[int, int, str, PatientPHI]] = []
+    for p in range(cfg.n_patients):
+        sex = str(rng.choice(["F", "M"]))
+        first = str(rng.choice(FIRST_NAMES_F if sex == "F" else FIRST_NAMES_M))
+        phi = PatientPHI(
+            name=f"{rng.choice(LAST_NAMES)}^{first}",
+            mrn=f"MRN{int(rng.integers(10**6, 10**7)):07d}",
+            birth_date=dt.date(1940, 1, 1) + dt.timedelta(days=int(rng.integers(0, 60 * 365))),
+            sex=sex,
+        )
+        for s in range(int(rng.integers(lo, hi + 1))):
+            rows.append((p, s, "CT" if rng.random() < cfg.ct_fraction else "MR", phi))
+    n = len(rows)
+    labels = np.zeros(n, dtype=int)
+    labels[: int(round(cfg.lesion_fraction * n))] = 1
+    labels = rng.permutation(labels)
+    radii = rng.uniform(*cfg.lesion_radius_mm, n)
+    unit = rng.uniform(0.0, 1.0, n)  # contrast within each modality's configured range
+    ct_idx = [i for i, r in enumerate(rows) if r[2] == "CT"]
+    # Drawn whatever the fraction, so changing compressed_fraction leaves every pixel unchanged.
+    order = rng.permutation(len(ct_idx))
+    n_comp = int(round(cfg.compressed_fraction * len(ct_idx)))
+    if cfg.compressed_fraction > 0 and ct_idx:
+        n_comp = max(1, n_comp)
+    compressed = {ct_idx[i] for i in order[:n_comp]}
+    localizer = set(ct_idx[::7])  # every 7th CT study, starting with the first
+    return [
+        CasePlan(
+            index=i, case_id=f"demo-c{i + 1:04d}", patient_id=f"demo-p{p + 1:0{width}d}",
+            patient_key=f"p{p + 1:0{width}d}", study_key=f"s{s + 1:02d}", modality=mod, label=int(labels[i]),
+            lesion_radius=round(float(radii[i]), 2), compressed=i in compressed, localizer=i in localizer,
+            lesion_contrast=float(np.interp(unit[i], [0, 1], cfg.lesion_contrast_hu if mod == "CT"
+                                            else cfg.lesion_gain_mr)),
+            phi=phi,
+        )
+        for i, (p, s, mod, phi) in enumerate(rows)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------
+
+
+def _write_case(plan: CasePlan, seed: int, out_dir: Path) -> dict:
+    """Write one study into a hidden temp folder, then rename it into place."""
+    rng = _rng(seed, 1, plan.index)
+    ph = make_phantom(rng, plan.lesion_radius if plan.label else None)
+    final = out_dir / plan.patient_key / plan.study_key
+    tmp = final.with_name(f".{plan.study_key}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if plan.modality == "CT":
+        geometry = write_ct_study(plan, ph, seed, rng, tmp)
+        image = final / "dicom"
+    else:
+        geometry = write_mr_study(plan, ph, rng, tmp)
+        image = final / "image.nii.gz"
+    os.replace(tmp, final)
+    return {
+        "case_id": plan.case_id,
+        "patient_id": plan.patient_id,
+        "modality": plan.modality,
+        "label": plan.label,
+        "lesion_centre_ras": [round(v, 4) for v in ph.lesion_centre] if ph.lesion_centre else None,
+        "lesion_radius_mm": plan.lesion_radius if plan.label else None,
+        "image": image.relative_to(out_dir).as_posix(),
+        "mask": (final / "mask.nii.gz").relative_to(out_dir).as_posix(),
+        **geometry,
+    }
+
+
+def _clear_out_dir(out_dir: Path) -> None:
+    """Delete a previous cohort; refuse to delete a non-empty folder we did not create."""
+    if out_dir.exists():
+        if any(out_dir.iterdir()) and not (out_dir / _MARKER).exists():
+            raise FileExistsError(f"{out_dir} is not empty and holds no synthetic cohort; not deleting it")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    (out_dir / _MARKER).write_text("Generated by pipeline.stages.synthesize; deleted on the next run.\n")
+
+
+def _write_case_task(task: dict) -> dict:
+    return _write_case(task["plan"], task["seed"], task["out_dir"])
+
+
+def synthesize(cfg: SynthesizeConfig, seed: int, progress: bool = False) -> SynthesisSummary:
+    """Write the demo cohort under cfg.out_dir, `truth.json` beside it and the manifest at cfg.manifest."""
+    out_dir, manifest = Path(cfg.out_dir), Path(cfg.manifest)
+    plans = plan_cohort(cfg, seed)
+    _clear_out_dir(out_dir)
+    # Every case draws from its own seeded generator, so parallel writing keeps the bytes identical.
+    tasks = [{"plan": plan, "seed": seed, "out_dir": out_dir} for plan in plans]
+    records = progress_map(_write_case_task, tasks, cfg.workers, "synthesizing", progress)
+    # One case per line: greppable and diff-friendly.
+    cases = ",\n".join("  " + json.dumps(rec) for rec in records)
+    save_text(out_dir / "truth.json", f'{{"seed": {seed},\n "cases": [\n{cases}\n ]}}\n')
+
+    # Manifest paths are relative to the manifest's own folder, so the repository can move.
+    base = manifest.parent.resolve()
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case_id", "patient_id", "modality", "path", "label", "mask_path"])
+    for rec in records:
+        rel = [
+            Path(os.path.relpath((out_dir / rec[k]).resolve(), base)).as_posix()
+            for k in ("image", "mask")
+        ]
+        writer.writerow([rec["case_id"], rec["patient_id"], rec["modality"], rel[0], rec["label"], rel[1]])
+    save_text(manifest, buf.getvalue())
+
+    files = [p for p in out_dir.rglob("*") if p.is_file()]
+    return SynthesisSummary(
+        out_dir=out_dir, manifest=manifest, n_patients=cfg.n_patients, n_studies=len(plans),
+        n_ct=sum(p.modality == "CT" for p in plans), n_mr=sum(p.modality == "MR" for p in plans),
+        n_positive=sum(p.label for p in plans), n_compressed=sum(p.compressed for p in plans),
+        n_localizers=sum(p.localizer for p in plans), n_files=len(files),
+        n_bytes=sum(p.stat().st_size for p in files),
+    )

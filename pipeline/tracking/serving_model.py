@@ -1,0 +1,228 @@
+"""The registered ResDx model, as MLflow "models from code": this file *is* the model definition.
+
+`pipeline.stages.register` logs it with ``mlflow.pyfunc.log_model(python_model=<this file>, artifacts=...,
+code_paths=[<the pipeline package>])``. MLflow copies the file and the package into the model
+folder and, on ``mlflow.pyfunc.load_model``, executes this file and calls `load_context`:
+nothing is unpickled. The network is rebuilt from ``model.json`` (its `ModelSpec`) and the
+safetensors weights, so it is an ordinary ``nn.Module`` (Grad-CAM works on it), unlike
+MLflow 3's default ``pt2`` export, which fixes input shapes.
+
+Bundled artifacts (names are the keys of ``context.artifacts``):
+``weights`` (model.safetensors), ``spec`` (model.json: spec, class names, data hash),
+``plan`` (plan.json: the typed ingest plan, reader settings included), ``calibration``
+(calibration.json: temperature and operating threshold, fitted on validation), ``model_card``
+(Markdown). It imports `pipeline.core` and `pipeline.io` only: no stage, no training code.
+
+Two kinds of input:
+
+* ``numpy.ndarray`` float32 of shape (N, C, X, Y, Z), already preprocessed with the bundled plan
+  -> ``numpy.ndarray`` (N, K) of calibrated class probabilities (softmax(logits / T)). This is
+  what the signature declares (a TensorSpec) and what ``mlflow models serve`` accepts:
+  ``{"inputs": [...]}``.
+* a ``pandas.DataFrame`` with a ``path`` column (a DICOM folder or file, or a NIfTI file) and
+  optional ``modality`` (CT/MR) and ``series_uid`` columns -> one output row per input row:
+  calibrated probabilities, the decision at the registered threshold, and ``status`` /
+  ``reason_code`` / ``reason`` for studies that cannot be used. Each study goes through the
+  ingest stage's own code (`pipeline.io.reader.read_case` -> `pipeline.core.preprocess.preprocess_case`
+  with the bundled plan). MLflow enforces the tensor signature *before* ``predict`` runs, so a
+  DataFrame of paths is rejected by ``PyFuncModel.predict``; the in-process route is
+  ``mlflow.pyfunc.load_model(uri).unwrap_python_model().predict_studies(df)`` (MLflow's
+  documented way to reach custom methods). A side effect we want: the HTTP server can never be
+  asked to read files on the server's disk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlflow
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+PROB_PREFIX = "p_"
+_MODALITIES = {"CT": "CT", "MR": "MR", "MRI": "MR"}
+
+
+def _peek_dicom_modality(path: Path, max_files: int = 64) -> str | None:
+    """Modality (CT/MR) from the first readable DICOM header under `path`, pixels not read."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files[:max_files]:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["Modality"])
+        except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError):
+            continue
+        m = _MODALITIES.get(str(ds.get("Modality", "")).upper())
+        if m:
+            return m
+    return None
+
+
+class ResDxModel(mlflow.pyfunc.PythonModel):
+    """Calibrated ResDx classifier: preprocessed tensors or study paths in, probabilities out."""
+
+    # ------------------------------------------------------------------ loading
+    def load_context(self, context) -> None:
+        self.load_artifacts(context.artifacts)
+
+    def load_artifacts(self, artifacts: dict[str, str]) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        from pipeline.core.classifier import Classifier, DecisionRule
+        from pipeline.core.models import ModelSpec, build_model
+        from pipeline.core.plan import load_plan
+
+        info = json.loads(Path(artifacts["spec"]).read_text())
+        self.info = info
+        self.spec = ModelSpec(**info["spec"])
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = build_model(self.spec)
+        model.load_state_dict(load_file(artifacts["weights"], device="cpu"))  # strict
+        self.model = model.to(self.device).eval()
+        self.plan = load_plan(artifacts["plan"])
+        cal = json.loads(Path(artifacts["calibration"]).read_text())
+        self.rule = DecisionRule.from_calibration(cal, info.get("class_names"))
+        self.classifier = Classifier(self.model, self.rule, self.device, batch_size=4)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.rule.class_names)
+
+    @property
+    def binary(self) -> bool:
+        return self.rule.binary
+
+    @property
+    def threshold(self) -> float | None:
+        return self.rule.threshold
+
+    @property
+    def temperature(self) -> float:
+        return self.rule.temperature
+
+    # ------------------------------------------------------------------ tensors
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Raw logits (N, K) for preprocessed tensors, in input order (the evaluate stage's code path)."""
+        x = np.asarray(images)
+        if x.ndim != self.spec.input_ndim + 2:
+            raise ValueError(f"expected a batch of shape (N, C, {', '.join('XYZ'[:self.spec.input_ndim])}); "
+                             f"got {tuple(x.shape)}")
+        return self.classifier.logits(x)
+
+    def predict_tensors(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, K): softmax(logits / T), T fitted on validation."""
+        if len(images) == 0:
+            return np.zeros((0, len(self.class_names)))
+        return self.rule.probs(self.logits(images))
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Binary: 1 where p(class 1) >= the registered threshold; otherwise the argmax class."""
+        return self.rule.decide(probs)
+
+    # ------------------------------------------------------------------ studies
+    def resolve_modality(self, path: Path, modality: str | None) -> str:
+        """A DICOM header's modality, else the given one (CT/MR/MRI; NIfTI has none), else the
+        model's only training modality. A batch may mix DICOM and NIfTI under one `modality`."""
+        from pipeline.errors import RejectedCase
+        from pipeline.io.nifti import is_nifti
+        from pipeline.io.reader import read_case
+
+        if not path.exists():
+            raise RejectedCase("missing_path", "the path does not exist")
+        dicom = not (path.is_file() and is_nifti(path))
+        found = _peek_dicom_modality(path) if dicom else None
+        if found:
+            return found
+        if modality:
+            m = _MODALITIES.get(str(modality).strip().upper())
+            if not m:
+                raise RejectedCase("bad_modality", f"modality must be CT or MR, got {modality!r}")
+            return m
+        seen = self.plan.modalities
+        if len(seen) == 1:
+            return seen[0]  # a single-modality model: its modality is the only sensible reading
+        if dicom:
+            read_case(path, "CT", self.plan.reader)  # no readable header: let the reader say why (empty, not DICOM)
+        raise RejectedCase("modality_required", "the modality cannot be read from the input (NIfTI has none); "
+                           "pass modality CT or MR")
+
+    def prepare_study(self, path: Path | str, modality: str | None = None, series_uid: str = ""):
+        """Read and preprocess one study exactly as the ingest stage does; raises `RejectedCase`.
+
+        Returns a `pipeline.core.preprocess.PreparedCase` (model tensor, its affine, the native grid).
+        """
+        from pipeline.core.preprocess import preprocess_case
+        from pipeline.errors import RejectedCase
+        from pipeline.io.reader import read_case
+
+        if not self.plan.reads_studies:
+            raise RejectedCase("no_study_input", "this model was trained on MedMNIST arrays; pass preprocessed "
+                               "tensors instead of DICOM/NIfTI studies")
+        path = Path(path)
+        m = self.resolve_modality(path, modality)
+        case = preprocess_case(read_case(path, m, self.plan.reader, series_uid or ""), m, self.plan)
+        if m not in (self.plan.modalities or [m]):
+            case.notes.append(f"{m} was not among the training modalities")
+        return case
+
+    def predict_studies(self, studies) -> pd.DataFrame:
+        """DataFrame (or list of paths) of studies -> one row each: probabilities, decision, status, reason."""
+        import pandas as pd
+
+        from pipeline.errors import RejectedCase
+
+        df = studies if isinstance(studies, pd.DataFrame) else pd.DataFrame({"path": [str(p) for p in studies]})
+        if "path" not in df.columns:
+            raise ValueError("a DataFrame of studies needs a `path` column")
+        rows, tensors, ok_rows = [], [], []
+        for i, r in enumerate(df.to_dict("records")):
+            row = {"status": "rejected", "reason_code": "", "reason": "", "modality": ""}
+            try:
+                prep = self.prepare_study(r["path"], _clean(r.get("modality")), _clean(r.get("series_uid")) or "")
+                tensors.append(prep.tensor)
+                ok_rows.append(i)
+                row.update(status="ok", modality=prep.modality)
+            except RejectedCase as err:
+                row.update(reason_code=err.code, reason=err.reason)
+            except Exception as err:  # noqa: BLE001 - one broken study must never stop the batch
+                row.update(reason_code="unexpected_error", reason=f"{type(err).__name__}: {str(err)[:200]}")
+            rows.append(row)
+        probs = self.predict_tensors(np.stack(tensors)) if tensors else np.zeros((0, len(self.class_names)))
+        decisions = self.decide(probs)
+        position = {i: j for j, i in enumerate(ok_rows)}
+        for i, row in enumerate(rows):
+            j = position.get(i)
+            for c, name in enumerate(self.class_names):
+                row[PROB_PREFIX + name] = float(probs[j, c]) if j is not None else float("nan")
+            row["decision"] = int(decisions[j]) if j is not None else None
+            row["predicted_class"] = self.class_names[int(decisions[j])] if j is not None else None
+        out = pd.DataFrame(rows, index=df.index)
+        out["decision"] = out["decision"].astype("Int64")
+        return out
+
+    # ------------------------------------------------------------------ the pyfunc entry point
+    def predict(self, context, model_input: np.ndarray, params=None):
+        """ndarray (N, C, X, Y, Z) -> (N, K) probabilities. (The hint is for MLflow, which infers no schema
+        from it; called directly, e.g. through `unwrap_python_model()`, a DataFrame of paths also works.)"""
+        import pandas as pd
+
+        if isinstance(model_input, pd.DataFrame) and "path" in model_input.columns:
+            return self.predict_studies(model_input)  # reachable through unwrap_python_model().predict
+        return self.predict_tensors(np.asarray(model_input, dtype=np.float32))
+
+
+def _clean(value) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    value = str(value).strip()
+    return value or None
+
+
+mlflow.models.set_model(ResDxModel())

@@ -1,0 +1,127 @@
+"""Builders shared by the tests: CT series written with pydicom, index.csv reading, params for ingest and training.
+
+Import from a test as `from helpers import ...` (tests/ is on sys.path, as for `from conftest import ...`).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from conftest import tiny_params
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from pipeline.config import params_from_dict
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+
+
+# ----------------------------------------------------------------------------- DICOM
+def file_meta(ds: Dataset) -> FileMetaDataset:
+    """The file meta information of `ds` (Explicit VR Little Endian)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return meta
+
+
+def write_ct_slice(path: Path, pixels: np.ndarray, *, sop_uid: str, series_uid: str, instance_number: int, ipp, iop,
+                   pixel_spacing, slice_thickness, rescale=("-1024", "1"), modality: str = "CT", **tags) -> Path:
+    """Write one CT Image Storage slice of 16-bit signed `pixels` (rows x columns) and return its path.
+
+    The geometry values (`ipp`, `iop`, `pixel_spacing`, `slice_thickness`) and `rescale` (intercept, slope) are
+    stored as given; `tags` are further header elements (keyword=value), set last.
+    """
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = modality
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = ipp
+    ds.ImageOrientationPatient = iop
+    ds.PixelSpacing = pixel_spacing
+    ds.SliceThickness = slice_thickness
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = rescale
+    ds.PixelData = pixels.astype("<i2").tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.file_meta = file_meta(ds)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_ct_series(folder: Path, n: int = 6, *, size: int = 24, spacing: float = 2.5, iop=AXIAL, step=None,
+                    origin=(-30.0, -30.0, 0.0), positions=None, modality: str = "CT", series_number: int = 2,
+                    prefix: str = "IM", seed: int = 0, pixel_spacing: str = "1.5",
+                    image_type=("ORIGINAL", "PRIMARY", "AXIAL"), uid_root: str | None = None, tag: int = 1,
+                    tags: dict | None = None) -> list[Path]:
+    """Write a CT Image Storage series (one file per slice, random pixels) and return the files in slice order.
+
+    Slices sit at `origin + k * step` (default: `spacing` mm along row x column), or at `positions`.
+    UIDs derive from the folder, `prefix` and `seed` (with a StudyInstanceUID), or with `uid_root` are
+    `uid_root.2.tag` (series) and `uid_root.3.tag.<k+1>` (slices), with no StudyInstanceUID.
+    `image_type=None` leaves ImageType out; `tags` are further header elements (keyword: value) on every slice.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
+    step = np.cross(row, col) * spacing if step is None else np.asarray(step, dtype=float)
+    if positions is None:
+        positions = [np.asarray(origin) + k * step for k in range(n)]
+    if uid_root is None:
+        series_uid = generate_uid(entropy_srcs=[str(folder), prefix, str(seed)])
+        series_tags = {"StudyInstanceUID": generate_uid(entropy_srcs=[series_uid, "study"])}
+    else:
+        series_uid, series_tags = f"{uid_root}.2.{tag}", {}
+    series_tags.update(Manufacturer="ACME", SeriesNumber=series_number)
+    if image_type is not None:
+        series_tags["ImageType"] = list(image_type)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for k, ipp in enumerate(positions):
+        sop_uid = generate_uid(entropy_srcs=[series_uid, str(k)]) if uid_root is None else f"{uid_root}.3.{tag}.{k + 1}"
+        pixels = rng.integers(0, 2000, (size, size)).astype("<i2")
+        paths.append(write_ct_slice(
+            folder / f"{prefix}{k:03d}.dcm", pixels, sop_uid=sop_uid, series_uid=series_uid, instance_number=k + 1,
+            ipp=[f"{v:.4f}" for v in ipp], iop=[f"{v:.6f}" for v in iop], pixel_spacing=[pixel_spacing] * 2,
+            slice_thickness=f"{spacing:g}", modality=modality, **{**series_tags, **(tags or {})}))
+    return paths
+
+
+# ----------------------------------------------------------------------------- ingest
+def read_index(out: Path, columns: list[str] | None = None) -> list[dict]:
+    """The rows of `out`/index.csv; with `columns`, first assert that its header is exactly those."""
+    with (out / "index.csv").open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if columns is not None:
+            assert reader.fieldnames == columns
+        return list(reader)
+
+
+def ingest_config(root: Path, **ingest) -> dict:
+    """An ingest section writing to `root`/out and `root`/cache, and no splits file (the shipped default writes
+    data_manifests/demo.splits.csv); `ingest` adds keys (or overrides these)."""
+    return {"out_dir": str(root / "out"), "cache_dir": str(root / "cache"), "splits_file": None, **ingest}
+
+
+def ingest_params(root: Path, seed: int | None = 0, **ingest):
+    """Params with only `seed` (None: the default seed) and an ingest section, `ingest_config(root, **ingest)`."""
+    raw = {} if seed is None else {"seed": seed}
+    raw["ingest"] = ingest_config(root, **ingest)
+    return params_from_dict(raw)
+
+
+# ----------------------------------------------------------------------------- training
+def train_params(tmp: Path, ingest_dir: Path, *, train: dict | None = None, **sections):
+    """Params of `conftest.tiny_params` (a fast CPU run), `train` overriding its train keys and `sections`
+    adding (or replacing) whole top-level sections, e.g. `register={...}`."""
+    return params_from_dict({**tiny_params(tmp, ingest_dir, **(train or {})), **sections})
