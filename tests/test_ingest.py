@@ -197,3 +197,50 @@ def test_rejected_fraction_ceiling_fails_the_stage_after_writing_the_index(demo_
     rows = read_index(tmp_path / "out")
     assert len(rows) == 5 and sum(r["status"] == "ok" for r in rows) == 2
     assert {r["reason_code"] for r in rows if r["status"] != "ok"} == {"missing_path"}
+
+
+def test_the_plan_is_typed_and_carries_the_reader_settings(ingested):
+    from pipeline.core.plan import PLAN_VERSION, load_plan
+
+    params, _, out = ingested
+    plan = load_plan(out / "plan.json")
+    assert plan.version == PLAN_VERSION and plan.source == "manifest" and plan.reads_studies
+    # The reader settings are decisions of the plan: a registered model reads new studies with these,
+    # never with whatever the params say at prediction time.
+    assert plan.reader.take_volume == params.ingest.take_volume
+    assert plan.reader.min_slices == params.ingest.min_slices
+    assert plan.reader.ct_foreground_hu == params.ingest.ct.foreground_hu
+    assert len(plan.hash()) == 32 and plan.hash() == load_plan(out / "plan.json").hash()
+
+
+def test_masks_are_recorded_on_the_native_grid_and_follow_edits(demo_cohort, tmp_path):
+    """Explain scores localisation on ingest's copy of each mask: it reads no raw mask, and a mask edit
+    reaches it through ingest (whose deps DVC tracks)."""
+    from pipeline.io.tensors import read_native_mask, read_sidecar
+    from pipeline.sources.manifest import read_manifest
+
+    rows = [r for r in read_manifest(demo_cohort) if r.mask_path is not None][:2]
+    manifest = tmp_path / "m.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "patient_id", "modality", "path", "label", "mask_path", "split"])
+        for r in rows:
+            mask = tmp_path / f"{r.case_id}_mask.nii.gz"
+            mask.write_bytes(r.mask_path.read_bytes())
+            w.writerow([r.case_id, r.patient_id, r.modality, r.path, r.label, mask, "train"])
+    params = _params(tmp_path)
+    run_ingest(params, manifest=manifest, progress=False)
+    out = tmp_path / "out"
+    cid = rows[0].case_id
+    recorded = read_native_mask(out, cid)
+    source = np.asarray(nib.load(str(rows[0].mask_path)).dataobj) > 0
+    assert recorded is not None and recorded.dtype == bool
+    assert recorded.shape == tuple(read_sidecar(out, cid)["native_shape"])
+    np.testing.assert_array_equal(recorded, source)
+
+    edited = nib.load(str(tmp_path / f"{cid}_mask.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros(edited.shape, np.uint8), edited.affine), tmp_path / f"{cid}_mask.nii.gz")
+    run_ingest(params, manifest=manifest, progress=False)
+    assert not read_native_mask(out, cid).any()  # the edit reached ingest's copy
+    np.testing.assert_array_equal(read_native_mask(out, rows[1].case_id),
+                                  np.asarray(nib.load(str(rows[1].mask_path)).dataobj) > 0)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ExplainConfig
+from pipeline.errors import RegistryError
 
 
 def study_id(path: Path | str) -> str:
@@ -51,11 +52,17 @@ def resolve_model_version(model_uri: str) -> tuple[str | None, str | None]:
 def load_registered(model_uri: str):
     """`mlflow.pyfunc.load_model` and the ResDx implementation behind it."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    try:
+        pyfunc = mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as err:
+        raise RegistryError(f"cannot load {model_uri}: {str(err)[:300]}",
+                            hint="check --model (models:/NAME@ALIAS or models:/NAME/VERSION) and mlflow.tracking_uri; "
+                                 "resdx register creates the first version") from None
     impl = pyfunc.unwrap_python_model()
     if not hasattr(impl, "prepare_study"):
-        raise ValueError(f"{model_uri} is not a ResDx model (no study input)")
+        raise RegistryError(f"{model_uri} is not a ResDx model (no study input)")
     return pyfunc, impl
 
 

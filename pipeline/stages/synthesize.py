@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline.config import SynthesizeConfig
 from pipeline.core.phantom import make_phantom
+from pipeline.errors import ConfigError
 from pipeline.io.artifacts import save_text
 from pipeline.io.synthetic_dicom import (
     FIRST_NAMES_F,
@@ -74,7 +75,8 @@ def plan_cohort(cfg: SynthesizeConfig, seed: int) -> list[CasePlan]:
     """Patients, studies, modalities and labels; exact positive count = round(lesion_fraction * studies)."""
     lo, hi = cfg.studies_per_patient
     if not 1 <= lo <= hi:
-        raise ValueError(f"studies_per_patient must satisfy 1 <= low <= high, got {cfg.studies_per_patient}")
+        raise ConfigError(f"synthesize.studies_per_patient must satisfy 1 <= low <= high, "
+                          f"got {cfg.studies_per_patient}")
     rng = _rng(seed, 0)
     width = max(3, len(str(cfg.n_patients)))
     rows: list[tuple[int, int, str, PatientPHI]] = []

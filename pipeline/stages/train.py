@@ -26,6 +26,7 @@ from pipeline.core.augment import Augmenter, class_weights, epoch_order
 from pipeline.core.classifier import predict_logits, resolve_device
 from pipeline.core.models import ModelSpec, build_model, load_medicalnet
 from pipeline.core.plan import Plan
+from pipeline.errors import ResDxError
 from pipeline.io.artifacts import save_json
 from pipeline.io.checkpoint import save_checkpoint, save_weights
 from pipeline.io.tensors import CaseSet, load_split, read_plan, to_device_if_fits
@@ -144,7 +145,9 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
     train, val = load_split(ingest_dir, "train", pin=device.type == "cuda"), load_split(ingest_dir, "val")
     train = to_device_if_fits(train, device)
     if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"{ingest_dir}: need ok cases in both train ({len(train)}) and val ({len(val)}) splits")
+        raise ResDxError(f"{ingest_dir}: need ok cases in both train ({len(train)}) and val ({len(val)}) splits",
+                         code="no_training_data", hint="check the splits in index.csv (split.* or the manifest's "
+                         "split column) and the rejection reasons")
     spec = model_spec(params, train, plan)
     dhash = data_hash(ingest_dir)
     key = run_key(params, dhash)
