@@ -157,7 +157,8 @@ def explain_case(clf: Classifier, x: torch.Tensor, class_index: int | None = Non
     (or a fixed `class_index`), with the given method and shifted re-runs."""
     probs, decision = clf.predict(x.unsqueeze(0))
     cls = explained_class(int(decision[0]), class_index)
-    cam = class_map(clf.model, x.unsqueeze(0).float(), cls, method, target_layer, shifts)
+    device = next(clf.model.parameters()).device  # the served model may sit on a GPU, the tensor on the host
+    cam = class_map(clf.model, x.unsqueeze(0).float().to(device), cls, method, target_layer, shifts)
     return Explanation(cam, cls, probs[0], int(decision[0]))
 
 
