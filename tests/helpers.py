@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from pipeline.config import params_from_dict
+from pipeline.io.index import read_index as _read_index
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -99,12 +100,12 @@ def write_ct_series(folder: Path, n: int = 6, *, size: int = 24, spacing: float 
 
 # ----------------------------------------------------------------------------- ingest
 def read_index(out: Path, columns: list[str] | None = None) -> list[dict]:
-    """The rows of `out`/index.csv; with `columns`, first assert that its header is exactly those."""
-    with (out / "index.csv").open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if columns is not None:
-            assert reader.fieldnames == columns
-        return list(reader)
+    """The rows of `out`/index.csv (the package's reader); with `columns`, assert its header is exactly those."""
+    rows = _read_index(out)
+    if columns is not None:
+        with (out / "index.csv").open(newline="") as fh:
+            assert next(csv.reader(fh)) == columns
+    return rows
 
 
 def ingest_config(root: Path, **ingest) -> dict:

@@ -15,7 +15,6 @@ newline in a class name, case id or metric name cannot break a table.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import functools
 import json
@@ -26,6 +25,7 @@ from pathlib import Path
 import jinja2
 
 from pipeline.config import Params
+from pipeline.io.index import read_index
 from pipeline.layout import ExplainDir, IngestDir, ModelDir, ReportDir
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -74,11 +74,7 @@ def _environment() -> jinja2.Environment:
 
 
 def _index_rows(ingest_dir: Path) -> list[dict]:
-    path = IngestDir(ingest_dir).index
-    if not path.exists():
-        return []
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+    return read_index(ingest_dir) if IngestDir(ingest_dir).index.exists() else []
 
 
 def _data_section(rows: list[dict], class_names: list[str]) -> dict | None:
