@@ -32,12 +32,34 @@ class SynthesizeConfig(_Strict):
     ct_fraction: float = Field(0.5, ge=0.0, le=1.0)
     lesion_fraction: float = Field(0.5, ge=0.0, le=1.0)
     compressed_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    # binary: 0 = no lesion, 1 = lesion. three_class: 1 = hyperdense/hyperintense, 2 = hypodense/
+    # hypointense (the lesion_fraction cases with a lesion are split evenly between 1 and 2).
+    task: Literal["binary", "three_class"] = "binary"
+    # default: the knobs below as given. hard: the difficulty knobs (lesion size and contrast, noise,
+    # bias field, CT drift) are REPLACED by pipeline.stages.synthesize.PRESETS["hard"]; explicit values
+    # of those keys are then ignored.
+    preset: Literal["default", "hard"] = "default"
     # Conspicuous enough that a 3D ResNet learns them from ~200 cases in minutes on 2 CPU cores.
     lesion_radius_mm: tuple[float, float] = (15.0, 25.0)
-    # Lesion contrast ranges: CT in HU above soft tissue; MR as a relative signal gain.
+    # Lesion contrast ranges: CT in HU above soft tissue; MR as a relative signal gain (signal x (1 + gain)).
     lesion_contrast_hu: tuple[float, float] = (200.0, 400.0)
     lesion_gain_mr: tuple[float, float] = (1.5, 3.0)
+    # Per-study noise sigma, drawn uniformly from the range: CT Gaussian, in HU; MR Rician, in the
+    # phantom's relative signal units (fat 1.0, soft tissue ~0.45).
+    ct_noise_hu: tuple[float, float] = (10.0, 20.0)
+    mr_noise: tuple[float, float] = (0.015, 0.05)
+    # MR smooth multiplicative bias field: at most +-this (clipped to 1 -+ it); 0 = none.
+    mr_bias_field: float = Field(0.3, ge=0.0, lt=1.0)
+    # CT low-frequency additive HU drift (cupping-like), at most +-this many HU; 0 = none.
+    ct_drift_hu: float = Field(0.0, ge=0.0)
     workers: int = Field(2, ge=1)
+
+    @field_validator("lesion_radius_mm", "lesion_contrast_hu", "lesion_gain_mr", "ct_noise_hu", "mr_noise")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] <= v[1]:
+            raise ValueError("must be a range [low, high] with 0 <= low <= high")
+        return v
 
 
 class MedMNISTConfig(_Strict):
@@ -62,6 +84,9 @@ class SplitConfig(_Strict):
 
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # K > 1: K-fold cross-validation over train + val (patient-level, label-stratified; test held out
+    # of every fold), a fold ensemble, calibration on out-of-fold predictions. 1: one train/val split.
+    folds: int = Field(1, ge=1, le=20)
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> SplitConfig:
@@ -118,24 +143,26 @@ class IngestConfig(_Strict):
 class ModelConfig(_Strict):
     """MONAI ResNet (2D/3D) or the plain, non-residual CNN baseline."""
 
-    name: Literal["resnet10", "resnet18", "resnet34", "resnet50", "plain_cnn"] = "resnet10"
+    # null (the default) for name, conv1_t_*, pool, output_stride and padding: the network plan
+    # (pipeline/core/recipe.py, README "Network plan") picks them from the data; a value overrides it.
+    name: Literal["resnet10", "resnet18", "resnet34", "resnet50", "plain_cnn"] | None = None
     spatial_dims: Literal[2, 3] = 3
     # MONAI's default stem stride is 1; 2 matches torchvision-style ResNets and is 4-8x cheaper in 3D.
-    conv1_t_stride: int = Field(2, ge=1)
-    conv1_t_size: int = Field(7, ge=1)
+    conv1_t_stride: int | None = Field(None, ge=1)
+    conv1_t_size: int | None = Field(None, ge=1)
     # 2D models on 3D tensors: this many axial slices per case, features max-pooled over slices.
     slices_2d: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # Global pooling of the last stage: avg (MONAI's default), max (of each feature), or lse: a
     # 1x1-conv class score per cell, log-sum-exp pooled (ChestX-ray8's head), which keeps a
     # finding's evidence where the finding is, so Grad-CAM can point at it.
-    pool: Literal["avg", "max", "lse"] = "lse"
+    pool: Literal["avg", "max", "lse"] | None = None
     # Total downsampling of the last residual stage (ResNets): 32 is the classic network; 16 or 8
     # replace the stride of layer4 (and layer3) by dilation (Yu et al., "Dilated Residual Networks",
     # 2017) so the stage Grad-CAM reads has 2-4x the resolution per axis, same weights. On 48^3
     # inputs: 2^3 cells at 32, 6^3 at 8 (a 2^3 map cannot point at anything smaller than an octant).
-    output_stride: Literal[8, 16, 32] = 8
-    padding: Literal["zeros", "replicate"] = "replicate"
+    output_stride: Literal[8, 16, 32] | None = None
+    padding: Literal["zeros", "replicate"] | None = None
     # Local MedicalNet-format weights (3D ResNets); never downloaded at run time.
     pretrained_path: Path | None = None
 
@@ -156,8 +183,8 @@ class TrainConfig(_Strict):
     out_dir: Path = Path("models")
     # Resumable state (last epoch) lives outside DVC outputs, keyed by config and data.
     state_dir: Path = Path(".cache/train")
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(8, ge=1)
+    epochs: int | None = Field(None, ge=1)  # null: the network plan's budget rule
+    batch_size: int | None = Field(None, ge=1)  # null: the network plan's rule
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-4, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
@@ -173,6 +200,13 @@ class TrainConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
 
 
+class ReferralConfig(_Strict):
+    """When a case goes to a human instead of an automatic decision (recorded with the model)."""
+
+    band: float = Field(0.1, ge=0.0, le=0.5)  # decision margin below this: |p - threshold| < band
+    max_spread: float | None = Field(0.15, gt=0.0)  # views' std of the probability above this
+
+
 class EvaluateConfig(_Strict):
     out_dir: Path = Path("reports")
     # The decision threshold is fixed on validation, then applied unchanged to test.
@@ -180,6 +214,9 @@ class EvaluateConfig(_Strict):
     target_sensitivity: float = Field(0.9, gt=0.0, le=1.0)
     n_bootstrap: int = Field(1000, ge=100)
     min_subgroup_cases: int = Field(10, ge=2)
+    # Test-time views averaged with the fold members (pipeline/core/views.py); also used by predict.
+    tta: Literal["none", "flips", "flips_shifts"] = "flips"
+    referral: ReferralConfig = ReferralConfig()
 
 
 class ExplainConfig(_Strict):
@@ -204,6 +241,13 @@ class RegisterConfig(_Strict):
     min_auroc_ci_low: float = Field(0.8, ge=0.0, le=1.0)
     max_ece_calibrated: float = Field(0.2, ge=0.0, le=1.0)
     champion_tolerance: float = Field(0.0, ge=0.0, le=1.0)
+    # Explanation quality, from the explain stage's sanity.json: without it the gate fails unless
+    # require_explanations is false; the model-parameter randomization check must have passed; where
+    # lesion masks exist, the pointing game hit rate must beat its random baseline by this absolute
+    # margin (negative: may fall short of it by that much; -1 never fails).
+    require_explanations: bool = True
+    require_randomization_check: bool = True
+    min_pointing_margin: float = Field(0.05, ge=-1.0, le=1.0)
 
 
 class MLflowConfig(_Strict):

@@ -44,10 +44,12 @@ class IngestDir(_Folder):
 
 
 class ModelDir(_Folder):
-    """train's outputs: safetensors weights, the spec that rebuilds them, the plan, the MLflow run."""
+    """train's outputs: safetensors weights (one network, or the fold ensemble's members in one file), the
+    spec that rebuilds them, the plan (with the network it chose), the MLflow run, and folds.csv: which
+    member held out which training case (its validation cases; out-of-fold predictions come from it)."""
 
     FILES = {"weights": "model.safetensors", "spec": "model.json", "plan": "plan.json", "run": "mlflow_run.json",
-             "history": "history.csv", "train_metrics": "train_metrics.json"}
+             "history": "history.csv", "train_metrics": "train_metrics.json", "folds": "folds.csv"}
 
 
 class ReportDir(_Folder):

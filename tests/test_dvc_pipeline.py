@@ -32,7 +32,9 @@ def test_dvc_repro_on_a_tiny_cohort(tmp_path):
     params["mlflow"]["system_metrics"] = False
     params["evaluate"]["n_bootstrap"] = 200
     params["explain"]["target_layer"] = "layer1"
-    params["register"].update(min_auroc_ci_low=0.0, max_ece_calibrated=1.0)  # the gate passes: a champion
+    # the gate passes (a champion): a 2-epoch model is not held to the metric or explanation thresholds
+    params["register"].update(min_auroc_ci_low=0.0, max_ece_calibrated=1.0, require_randomization_check=False,
+                              min_pointing_margin=-1.0)
     (work / "configs/params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (work / "dvc.lock").unlink(missing_ok=True)
     (work / "params.yaml").unlink(missing_ok=True)

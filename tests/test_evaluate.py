@@ -40,7 +40,8 @@ def test_metrics_json_has_the_dvc_contract(evaluated):
 def test_predictions_are_phi_free_and_consistent_with_the_threshold(evaluated, tiny_ingested):
     tmp, result = evaluated
     rows = list(csv.DictReader((tmp / "reports/predictions.csv").open()))
-    assert set(rows[0]) == {"case_id", "split", "label", "probability", "calibrated_probability", "decision"}
+    assert set(rows[0]) == {"case_id", "split", "label", "probability", "calibrated_probability", "decision",
+                            "uncertainty", "referred"}
     thr = result["calibration"]["threshold"]
     for r in rows:
         assert int(r["decision"]) == int(float(r["calibrated_probability"]) >= thr - 1e-6)

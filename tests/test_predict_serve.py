@@ -39,6 +39,11 @@ def served(tiny_ingested, demo_cohort, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     raw = tiny_params(tmp, tiny_ingested)
     raw["register"] = {"model_name": NAME, "min_auroc_ci_low": 0.0, "max_ece_calibrated": 1.0}
+    raw["explain"] = {"out_dir": str(tmp / "explain")}  # the gate reads this run's sanity.json, not the repo's
+    from pipeline.core import sanity as S
+    from pipeline.io.artifacts import save_json
+
+    save_json(tmp / "explain" / "sanity.json", S.summarize([(0.1, 0.3)] * 4, []))  # randomization passed, no masks
     params = params_from_dict(raw)
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
     mlflow.create_experiment(experiment_name(params), artifact_location=(tmp / "artifacts").as_uri())

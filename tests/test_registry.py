@@ -18,6 +18,33 @@ NAME = "resdx-reg"
 
 
 REGISTER = {"model_name": NAME, "min_auroc_ci_low": 0.0, "max_ece_calibrated": 1.0}
+POINTING_FAILS = ("saliency pointing game hit rate 0.0000 does not beat its random baseline 0.01562 by "
+                  "register.min_pointing_margin 0.0500 (needs >= 0.06562; n=6 lesion case(s))")
+
+
+def _write_sanity(folder: Path, hits: int | None, misses: int = 0, rho: float = 0.1) -> dict:
+    """An explain stage's sanity.json (`pipeline.core.sanity`) in `folder`: 6 randomization pairs and, unless
+    `hits` is None (no lesion masks), localization of 8^3 maps on a 2^3 lesion (random baseline 1/64)."""
+    from pipeline.core import sanity as S
+    from pipeline.io.artifacts import save_json
+    from pipeline.layout import ExplainDir
+
+    mask = np.zeros((8, 8, 8), bool)
+    mask[:2, :2, :2] = True
+    loc = []
+    for i in range(0 if hits is None else hits + misses):
+        cam = np.zeros((8, 8, 8))
+        cam[(1, 1, 1) if i < hits else (6, 6, 6)] = 1.0
+        loc.append(S.localization(cam, mask))
+    sanity = S.summarize([(rho, 0.3)] * 6, loc)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_json(ExplainDir(folder).sanity, sanity)
+    return sanity
+
+
+def _with(params, **sections):
+    """`params` with some sections' keys replaced, e.g. explain={"out_dir": ...}."""
+    return params.model_copy(update={k: getattr(params, k).model_copy(update=v) for k, v in sections.items()})
 
 
 def _isolate_artifacts(params, tmp: Path) -> None:
@@ -63,7 +90,9 @@ def reg(tiny_ingested, tmp_path_factory):
     from pipeline.stages.train import run_train
 
     tmp = tmp_path_factory.mktemp("reg")
-    params = train_params(tmp, tiny_ingested, register=REGISTER)
+    _write_sanity(tmp / "explain", hits=5, misses=1)  # passes: hit rate 0.83 vs random baseline 1/64
+    _write_sanity(tmp / "explain_bad", hits=0, misses=6)  # fails the pointing game
+    params = train_params(tmp, tiny_ingested, register=REGISTER, explain={"out_dir": str(tmp / "explain")})
     _isolate_artifacts(params, tmp)
     run_train(params, progress=False)
     run_evaluate(params)
@@ -73,7 +102,8 @@ def reg(tiny_ingested, tmp_path_factory):
     out["by_alias"] = {a: {s: mlflow.pyfunc.load_model(f"models:/{NAME}@{a}").predict(x) for s, x in images.items()}
                        for a in ("candidate", "champion")}
     out["second"] = run_register(train_params(
-        tmp, tiny_ingested, register={**REGISTER, "min_auroc_ci_low": 1.0, "max_ece_calibrated": 0.0}))
+        tmp, tiny_ingested, register={**REGISTER, "min_auroc_ci_low": 1.0, "max_ece_calibrated": 0.0},
+        explain={"out_dir": str(tmp / "explain_bad")}))
     client = mlflow.MlflowClient(tracking_uri=params.mlflow.tracking_uri)
     out["second_aliases"] = sorted(client.get_model_version(NAME, out["second"]["version"]).aliases)
     if float(out["first"]["tags"]["test_auroc"]) < 0.5:  # make sure the champion ranks better than chance
@@ -131,6 +161,36 @@ def test_thresholds_that_fail_keep_the_version_a_candidate(reg):
     assert "max_ece_calibrated" in reason  # an ECE of 0 is out of reach; the CI bound may be a perfect 1.0
     if float(reg["first"]["tags"]["test_auroc_ci_low"]) < 1.0:
         assert "min_auroc_ci_low" in reason
+    assert POINTING_FAILS in reason and POINTING_FAILS in second["gate"]["reasons"]  # its explain run's sanity.json
+    assert [c["status"] for c in second["gate"]["explanations"]] == ["passed", "passed", "failed"]
+
+
+def test_the_gate_reads_the_explain_stage_sanity_checks(reg, tmp_path):
+    """Re-check the champion (no comparison with itself) against other explain outputs, without applying."""
+    from pipeline.core.gate import NO_MASKS
+    from pipeline.stages.register import run_gate
+
+    tags = _client(reg).get_model_version(NAME, "1").tags
+    assert tags["gate_reason"] == "passed all checks"
+    assert json.loads(tags["gate_explanations"]) == {"explanations": "passed", "randomization": "passed",
+                                                     "pointing_game": "passed"}
+    params, champion = reg["params"], reg.get("flipped", reg["first"])["version"]
+    missing = run_gate(_with(params, explain={"out_dir": tmp_path / "none"}), champion, apply=False)
+    assert not missing["passed"] and missing["reasons"] == [
+        f"no saliency sanity checks: {tmp_path / 'none' / 'sanity.json'} is missing (run the explain stage first, "
+        "or set register.require_explanations: false)"]
+    relaxed = _with(params, explain={"out_dir": tmp_path / "none"}, register={"require_explanations": False})
+    assert run_gate(relaxed, champion, apply=False)["passed"]
+    _write_sanity(tmp_path / "medmnist", hits=None, rho=0.7)  # no masks; maps ignore the weights
+    no_masks = run_gate(_with(params, explain={"out_dir": tmp_path / "medmnist"}), champion, apply=False)
+    assert [c["status"] for c in no_masks["explanations"]] == ["passed", "failed", NO_MASKS]
+    assert len(no_masks["reasons"]) == 1 and "Spearman 0.7000" in no_masks["reasons"][0]
+    assert "register.require_randomization_check: true" in no_masks["reasons"][0]
+    _write_sanity(tmp_path / "medmnist_ok", hits=None)
+    applied = run_gate(_with(params, explain={"out_dir": tmp_path / "medmnist_ok"}), champion)  # stays champion
+    assert applied["passed"] and applied["champion_after"] == champion
+    assert _client(reg).get_model_version(NAME, champion).tags["gate_reason"] == (
+        "passed all checks; pointing game not applicable (no lesion masks)")
 
 
 def test_a_model_worse_than_the_champion_on_the_same_test_set_is_not_promoted(reg):

@@ -54,17 +54,24 @@ class DecisionRule:
     threshold: float | None
     class_names: tuple[str, ...]
     operating_point: str = "youden"
+    tta: str = "none"  # the test-time views the temperature and threshold were fitted on (core/views.py)
+    refer_band: float = 0.0  # refer to a human when the decision margin is below this
+    refer_spread: float | None = None  # ... or when the views' spread of the probability is above this
 
     @classmethod
     def from_calibration(cls, cal: dict, class_names=None) -> DecisionRule:
         names = cal.get("class_names") or class_names or ["0", "1"]
         thr = cal.get("threshold")
+        referral = cal.get("referral") or {}
+        spread = referral.get("max_spread")
         return cls(float(cal["temperature"]), None if thr is None else float(thr), tuple(names),
-                   cal.get("operating_point", "youden"))
+                   cal.get("operating_point", "youden"), cal.get("tta", "none"), float(referral.get("band", 0.0)),
+                   None if spread is None else float(spread))
 
     def to_calibration(self) -> dict:
         return {"temperature": self.temperature, "threshold": self.threshold, "class_names": list(self.class_names),
-                "binary": self.binary, "operating_point": self.operating_point}
+                "binary": self.binary, "operating_point": self.operating_point, "tta": self.tta,
+                "referral": {"band": self.refer_band, "max_spread": self.refer_spread}}
 
     @property
     def binary(self) -> bool:
@@ -86,6 +93,25 @@ class DecisionRule:
             return (probs[:, 1] >= self.threshold).astype(int)
         return probs.argmax(axis=1).astype(int)
 
+    def margin(self, probs: np.ndarray) -> np.ndarray:
+        """Distance of each case from a different decision: |p - threshold| for binary models with a
+        threshold, half the gap between the two most probable classes otherwise (the same number at 0.5)."""
+        if self.binary and self.threshold is not None:
+            return np.abs(probs[:, 1] - self.threshold)
+        top = np.sort(probs, axis=1)
+        return (top[:, -1] - top[:, -2]) / 2
+
+    def decided_column(self, decisions: np.ndarray) -> np.ndarray:
+        """The probability column a case's uncertainty is measured on: class 1 (binary), else the decision."""
+        return np.ones_like(decisions) if self.binary else decisions
+
+    def refer(self, probs: np.ndarray, spread: np.ndarray) -> np.ndarray:
+        """True where a human should decide: too close to the threshold, or the views disagree."""
+        out = self.margin(probs) < self.refer_band
+        if self.refer_spread is not None:
+            out |= np.asarray(spread) > self.refer_spread
+        return out
+
     def rule_text(self) -> str:
         if self.binary and self.threshold is not None:
             return f"p({self.class_names[1]}) >= threshold"
@@ -106,10 +132,18 @@ class Classifier:
     device: torch.device = torch.device("cpu")
     batch_size: int = 4
 
-    def logits(self, images) -> np.ndarray:
+    def views(self, images) -> np.ndarray:
+        """Logits of every (test-time transform, member) view, flattened to (V, N, K)."""
+        from pipeline.core.views import view_logits
+
         x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images,
                                                                                                 dtype=np.float32))
-        return predict_logits(self.model, x.float(), self.device, self.batch_size).double().numpy()
+        v = view_logits(self.model, x.float(), self.device, self.batch_size, self.rule.tta).double().numpy()
+        return v.reshape(-1, *v.shape[2:])
+
+    def logits(self, images) -> np.ndarray:
+        """The served logits: the mean over views (the plain forward pass with one model and no TTA)."""
+        return self.views(images).mean(axis=0)
 
     def probs(self, images) -> np.ndarray:
         return self.rule.probs(self.logits(images))
@@ -119,5 +153,25 @@ class Classifier:
         p = self.probs(images)
         return p, self.rule.decide(p)
 
+    def assess(self, images) -> Assessment:
+        """Probabilities, decisions, per-case uncertainty (spread over views) and referral, in one pass."""
+        views = self.views(images)
+        probs = self.rule.probs(views.mean(axis=0))
+        decisions = self.rule.decide(probs)
+        from pipeline.core.views import spread
 
-__all__ = ["Classifier", "DecisionRule", "explained_class", "predict_logits", "resolve_device"]
+        view_probs = np.stack([self.rule.probs(v) for v in views])
+        unc = spread(view_probs, self.rule.decided_column(decisions))
+        return Assessment(probs, decisions, unc, self.rule.refer(probs, unc), len(views))
+
+
+@dataclass(frozen=True)
+class Assessment:
+    probs: np.ndarray        # calibrated (N, K)
+    decisions: np.ndarray    # (N,)
+    uncertainty: np.ndarray  # (N,) std of the decided column's probability over views; 0 with one view
+    referred: np.ndarray     # (N,) bool
+    n_views: int
+
+
+__all__ = ["Assessment", "Classifier", "DecisionRule", "explained_class", "predict_logits", "resolve_device"]

@@ -37,6 +37,7 @@ class ModelSpec:
     pool: str = "avg"  # global pooling of the last stage: avg (MONAI's), max, or lse (class-evidence maps)
     output_stride: int = 32  # 16 / 8: layer4 (and layer3) dilated instead of strided
     padding: str = "zeros"  # convolutions' padding mode: zeros (MONAI's) or replicate
+    n_members: int = 1  # > 1: a fold ensemble of this many copies (`EnsembleNet`), one weights file
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,8 +167,29 @@ def _dilate_last_stages(net: nn.Module, stages: tuple[str, ...]) -> None:
                     m.padding = tuple(dilation * (k // 2) for k in m.kernel_size)
 
 
+class EnsembleNet(nn.Module):
+    """The fold models of K-fold cross-validation as one network: its logits are the mean of the
+    members' logits (what evaluate, the registry and `predict` serve); `member_logits` keeps the
+    members apart for the ensemble's spread (per-case uncertainty) and Grad-CAM (mean of maps).
+    One state dict (`members.<k>.*`) holds every member, so one safetensors file is the ensemble."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members])  # (K, B, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.member_logits(x).mean(dim=0)
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
-    """Build an untrained network from its spec."""
+    """Build an untrained network from its spec (a fold ensemble when `spec.n_members` > 1)."""
+    if spec.n_members > 1:
+        from dataclasses import replace
+
+        return EnsembleNet([build_model(replace(spec, n_members=1)) for _ in range(spec.n_members)])
     if spec.name == "plain_cnn":
         if spec.spatial_dims == 2 and spec.input_ndim == 3:
             backbone = PlainCNN(2, spec.in_channels, spec.n_classes, spec.dropout)

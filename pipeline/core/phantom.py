@@ -263,28 +263,55 @@ def make_mr_geometry(rng: np.random.Generator) -> MRGeometry:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _smooth_field(u: np.ndarray, linear: np.ndarray, quadratic: np.ndarray, offset: float = 0.0) -> np.ndarray:
+    """offset + a low-order polynomial of body coordinates `u` (mm / 150 from the phantom centre).
+
+    Summed left to right (offset first), the order the MR bias field has always used: same bytes.
+    """
+    return offset + u @ linear + (u * u) @ quadratic
+
+
 def ct_hu_volume(ph: Phantom, geo: CTGeometry, rng: np.random.Generator, lesion_hu: float,
-                 noise_hu: float) -> np.ndarray:
-    """HU on the CT grid (i, j, k): tissue HU + lesion contrast, partial volume by smoothing, noise."""
+                 noise_hu: float, drift_hu: float = 0.0) -> np.ndarray:
+    """HU on the CT grid (i, j, k): tissue HU + lesion contrast, partial volume by smoothing, noise.
+
+    `lesion_hu` < 0 makes a hypodense lesion. `drift_hu` > 0 adds a smooth low-frequency HU drift of at
+    most +-drift_hu (cupping-like); its coefficients are drawn only then, after the noise.
+    """
     pts = grid_points(geo.affine, geo.shape)
     hu = TISSUE_HU[phantom_labels(ph, pts)] + lesion_hu * lesion_weight(ph, pts)
     # Light blur stands in for partial volume; wider along k when slices are thicker than their spacing.
     hu = ndimage.gaussian_filter(hu, sigma=(0.5, 0.5, 0.4 * geo.slice_thickness / geo.slice_spacing))
-    return hu + rng.normal(0.0, noise_hu, hu.shape)
+    hu = hu + rng.normal(0.0, noise_hu, hu.shape)
+    if drift_hu > 0:
+        u = (pts - np.asarray(ph.centre)) / 150.0
+        field = _smooth_field(u, rng.uniform(-0.5, 0.5, 3), rng.uniform(-1 / 3, 1 / 3, 3))
+        hu = hu + drift_hu * np.clip(field, -1.0, 1.0)
+    return hu
 
 
-def mr_volume(ph: Phantom, geo: MRGeometry, rng: np.random.Generator, lesion_gain: float) -> np.ndarray:
-    """T1-like signal on the MR grid with a smooth bias field and Rician noise (relative units)."""
+def mr_volume(ph: Phantom, geo: MRGeometry, rng: np.random.Generator, lesion_gain: float,
+              noise: tuple[float, float] = (0.015, 0.05), bias_field: float = 0.3) -> np.ndarray:
+    """T1-like signal on the MR grid with a smooth bias field and Rician noise (relative units).
+
+    The lesion multiplies the signal by 1 + gain (hyperintense); a negative gain divides it by
+    1 + |gain| (hypointense), so +g and -g are the same contrast on a log scale. `bias_field` is the
+    largest deviation of the multiplicative bias field from 1; the noise sigma is drawn from `noise`.
+    """
     pts = grid_points(geo.affine, geo.shape)
     tissue = TISSUE_T1 * rng.uniform(0.9, 1.1, TISSUE_T1.size)
     s = tissue[phantom_labels(ph, pts)]
-    s = s * (1.0 + lesion_gain * lesion_weight(ph, pts))
+    if lesion_gain >= 0:
+        s = s * (1.0 + lesion_gain * lesion_weight(ph, pts))
+    else:
+        s = s / (1.0 + -lesion_gain * lesion_weight(ph, pts))
     s = ndimage.gaussian_filter(s, sigma=0.5)
-    # Low-order multiplicative bias field over the body, clipped to 0.7-1.3.
+    # Low-order multiplicative bias field over the body, clipped to 1 -+ bias_field (0.7-1.3 by default).
+    k = bias_field / 0.3
     u = (pts - np.asarray(ph.centre)) / 150.0
-    bias = 1.0 + u @ rng.uniform(-0.15, 0.15, 3) + (u * u) @ rng.uniform(-0.1, 0.1, 3)
-    s = s * np.clip(bias, 0.7, 1.3)
-    sigma = rng.uniform(0.015, 0.05)
+    bias = _smooth_field(u, rng.uniform(-0.15, 0.15, 3) * k, rng.uniform(-0.1, 0.1, 3) * k, offset=1.0)
+    s = s * np.clip(bias, 1.0 - bias_field, 1.0 + bias_field)
+    sigma = rng.uniform(*noise)
     return np.hypot(s + rng.normal(0.0, sigma, s.shape), rng.normal(0.0, sigma, s.shape))
 
 

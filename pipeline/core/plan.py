@@ -81,6 +81,15 @@ class MedMNISTOrigin(_Part):
     official_counts: dict[str, int] = {}
 
 
+class NetworkPlan(_Part):
+    """The classifier the train stage built, chosen by `core.recipe.plan_network` from the data:
+    per choice its value and why ("params" where a configured value overrode the rule)."""
+
+    choices: dict[str, str | int | float]
+    why: dict[str, str]
+    fingerprint: dict = {}
+
+
 class Plan(BaseModel):
     """The typed plan.json. `decisions()` are what shape tensors; the rest is provenance."""
 
@@ -110,6 +119,7 @@ class Plan(BaseModel):
     class_names: list[str]
     counts: dict[str, int] = {}
     warnings: list[str] = []
+    network: NetworkPlan | None = None  # filled by train in models/plan.json (not a tensor decision)
 
     @property
     def reads_studies(self) -> bool:
@@ -235,4 +245,5 @@ def fit_ct(samples: list[np.ndarray], params: Params) -> CTNormalization:
                            n_cases=len(samples), n_voxels_sampled=int(pooled.size) if samples else 0)
 
 
-__all__ = ["Plan", "PLAN_VERSION", "ReaderSettings", "fit_plan", "load_plan", "parse_plan", "reader_settings"]
+__all__ = ["NetworkPlan", "Plan", "PLAN_VERSION", "ReaderSettings", "fit_plan", "load_plan", "parse_plan",
+           "reader_settings"]

@@ -116,6 +116,9 @@ def resolve_layer(model: nn.Module, target_layer: str) -> str:
 def class_map(model: nn.Module, xb: torch.Tensor, cls: int, method: str = "gradcam", target_layer: str = "layer4",
               shifts: int = 1) -> np.ndarray:
     """The map of class `cls` for a batch of one (1, C, *spatial), in the input grid, in [0, 1]."""
+    if hasattr(model, "member_logits"):  # a fold ensemble: the mean of its members' maps, each in [0, 1]
+        maps = [class_map(m, xb, cls, method, target_layer, shifts) for m in model.members]
+        return _minmax(np.mean(maps, axis=0))
     if isinstance(model, SliceMIL):
         return _slice_mil_cam(model, xb, cls, method, resolve_layer(model.backbone, target_layer))
     cam = _cam(model, resolve_layer(model, target_layer), method)

@@ -42,3 +42,24 @@ def _groups_fallback(groups: np.ndarray, fraction: float, seed: int) -> np.ndarr
     rng = np.random.default_rng(seed)
     take = set(rng.permutation(unique)[: max(1, int(round(fraction * len(unique))))].tolist())
     return np.array([i for i, g in enumerate(groups) if g in take], dtype=int)
+
+
+def assign_folds(patients: list[str], labels: list[int], k: int, seed: int) -> np.ndarray:
+    """Fold index 0..k-1 per case for K-fold cross-validation: patient-level (a patient's cases share
+    a fold) and label-stratified (scikit-learn's StratifiedGroupKFold); unstratified whole-patient
+    folds when a class has too few patients to stratify."""
+    n = len(patients)
+    groups, y = np.asarray(patients), np.asarray(labels)
+    folds = np.zeros(n, dtype=int)
+    n_groups = len(set(patients))
+    if k > n_groups:
+        raise ValueError(f"split.folds={k} but train + val hold only {n_groups} patients")
+    try:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        for fold, (_, held) in enumerate(splitter.split(np.zeros(n), y, groups)):
+            folds[held] = fold
+    except ValueError:
+        unique = np.random.default_rng(seed).permutation(sorted(set(patients)))
+        of = {g: i % k for i, g in enumerate(unique)}
+        folds = np.array([of[g] for g in patients], dtype=int)
+    return folds

@@ -45,3 +45,25 @@ def load_checkpoint(folder: Path | str, device: str = "cpu") -> tuple[torch.nn.M
     model = build_model(ModelSpec(**info["spec"]))
     model.load_state_dict(load_file(str(folder / WEIGHTS), device=device))
     return model.to(device).eval(), info
+
+
+def save_train_state(state: Path, model, opt, sched, progress: dict) -> None:
+    """The resumable last-epoch state of one training run (our own files: tensors and JSON only)."""
+    save_weights(model, state / "last.safetensors")
+    tmp = state / ".tmp-optim.pt"
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
+    tmp.replace(state / "optim.pt")
+    save_json(state / "progress.json", progress)  # written last: it marks the epoch complete
+
+
+def load_train_state(state: Path, model, opt, sched) -> dict | None:
+    """Resume from the last completed epoch of the same run key, if any."""
+    prog = state / "progress.json"
+    if not prog.exists():
+        return None
+    progress = json.loads(prog.read_text())
+    model.load_state_dict(load_file(str(state / "last.safetensors")))
+    blob = torch.load(state / "optim.pt", map_location="cpu", weights_only=True)  # this run's own file, tensors only
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    return progress

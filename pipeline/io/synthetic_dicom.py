@@ -88,10 +88,16 @@ class CasePlan:
     modality: str
     label: int
     lesion_radius: float
-    lesion_contrast: float  # CT: HU above soft tissue; MR: relative signal gain
+    # CT: HU above soft tissue; MR: relative signal gain. Negative: a hypodense/hypointense lesion.
+    lesion_contrast: float
     compressed: bool
     localizer: bool
     phi: PatientPHI
+    # Image quality (SynthesizeConfig's knobs after its preset): noise sigma ranges, MR bias, CT drift.
+    ct_noise_hu: tuple[float, float] = (10.0, 20.0)
+    mr_noise: tuple[float, float] = (0.015, 0.05)
+    mr_bias_field: float = 0.3
+    ct_drift_hu: float = 0.0
 
 
 def _uid(seed: int, *parts: object) -> str:
@@ -199,7 +205,8 @@ def write_ct_study(plan: CasePlan, ph: Phantom, seed: int, rng: np.random.Genera
     geo = make_ct_geometry(rng)
     encoding = CT_ENCODINGS[int(rng.integers(len(CT_ENCODINGS)))]
     lesion_hu = plan.lesion_contrast
-    hu = ct_hu_volume(ph, geo, rng, lesion_hu, noise_hu=float(rng.uniform(10.0, 20.0)))
+    hu = ct_hu_volume(ph, geo, rng, lesion_hu, noise_hu=float(rng.uniform(*plan.ct_noise_hu)),
+                      drift_hu=plan.ct_drift_hu)
     stored = hu_to_stored(hu, *encoding)
     base = _ct_series_dataset(plan, seed, rng)
     with_ext = bool(rng.random() < 0.5)
@@ -266,7 +273,7 @@ def write_mr_study(plan: CasePlan, ph: Phantom, rng: np.random.Generator, study_
     geo = make_mr_geometry(rng)
     lesion_gain = plan.lesion_contrast
     scale = float(10 ** rng.uniform(1.0, np.log10(3000.0)))
-    signal = mr_volume(ph, geo, rng, lesion_gain) * scale
+    signal = mr_volume(ph, geo, rng, lesion_gain, plan.mr_noise, plan.mr_bias_field) * scale
     as_int = bool(rng.random() < 0.5)
     data = np.clip(np.rint(signal), 0, 32767).astype(np.int16) if as_int else signal.astype(np.float32)
     code = int(rng.choice([1, 2]))

@@ -81,3 +81,20 @@ def to_device_if_fits(cases: CaseSet, device: torch.device, fraction: float = 0.
         cases.images = cases.images.to(device)
         cases.labels = cases.labels.to(device)
     return cases
+
+
+def subset(cases: CaseSet, index) -> CaseSet:
+    """The cases at `index` (a list or array of positions), in that order."""
+    idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
+    return CaseSet([cases.case_ids[i] for i in idx.tolist()], [cases.patient_ids[i] for i in idx.tolist()],
+                   cases.labels.index_select(0, idx), cases.images.index_select(0, idx),
+                   [cases.meta[i] for i in idx.tolist()])
+
+
+def concat(a: CaseSet, b: CaseSet) -> CaseSet:
+    if not len(b):
+        return a
+    if not len(a):
+        return b
+    return CaseSet(a.case_ids + b.case_ids, a.patient_ids + b.patient_ids, torch.cat([a.labels, b.labels]),
+                   torch.cat([a.images, b.images]), a.meta + b.meta)

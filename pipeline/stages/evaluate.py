@@ -1,25 +1,33 @@
-"""Evaluate stage: discrimination with intervals, calibration before/after temperature scaling.
+"""Evaluate stage: discrimination with intervals, calibration, uncertainty and referral, on test.
 
-The operating threshold and the temperature are fitted on validation only and applied
-unchanged to test. Outputs: reports/metrics.json (DVC metrics), reports/predictions.csv,
-reports/calibration.json (temperature + threshold, bundled with the registered model),
-DVC plot tables under reports/plots/ and offline PNG figures under reports/figures/.
+The temperature and the operating threshold are fitted on held-out predictions only and applied
+unchanged to test: the validation split (one model), or every train + val case out of fold (a
+K-fold ensemble: each case scored by the member that did not train on it). Test is scored by
+the mean logits over every view (fold members x `evaluate.tta` transforms); the views' spread is
+each case's uncertainty. Outputs: reports/metrics.json (DVC metrics), reports/predictions.csv,
+reports/calibration.json (temperature, threshold, TTA and referral: the rule registered with the
+model), DVC plot tables under reports/plots/ (selective_test.csv: risk-coverage) and PNG figures.
 """
 
 from __future__ import annotations
 
+import csv
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.config import Params
 from pipeline.core import metrics as M
-from pipeline.core.classifier import DecisionRule, predict_logits, resolve_device
-from pipeline.io.artifacts import save_csv, save_json
+from pipeline.core.classifier import DecisionRule, resolve_device
+from pipeline.core.selective import discrimination, fit_rule, referral_summary, selective_curve
+from pipeline.core.views import members_of, spread, view_logits
+from pipeline.io.artifacts import save_csv, save_dict_csv, save_json
 from pipeline.io.checkpoint import load_checkpoint
 from pipeline.io.tensors import CaseSet, load_split
-from pipeline.layout import ReportDir
+from pipeline.layout import ModelDir, ReportDir
 from pipeline.reporting.figures import write_plots
 
 
@@ -89,65 +97,157 @@ def subgroup_metrics(cases: CaseSet, y: np.ndarray, logits: np.ndarray, temperat
     return out
 
 
+@dataclass
+class Held:
+    """Held-out predictions: each case scored by the member that did not train on it."""
+
+    cases: CaseSet
+    views: np.ndarray  # (T, n, K): the test-time views of the case's own member
+    fold: np.ndarray   # (n,) the member
+
+
+def held_out(model, ingest_dir: Path, models_dir: Path, device, batch_size: int, tta: str) -> Held:
+    """The validation split (one model), or every train + val case out of fold (a fold ensemble)."""
+    from pipeline.io.tensors import concat, subset
+
+    members = members_of(model)
+    folds_file = ModelDir(models_dir).folds
+    val = load_split(ingest_dir, "val")
+    if len(members) == 1 or not folds_file.exists():
+        fold_of = {c: 0 for c in val.case_ids}
+        pool = val
+    else:
+        with folds_file.open() as fh:
+            fold_of = {r["case_id"]: int(r["fold"]) for r in csv.DictReader(fh)}
+        pool = concat(load_split(ingest_dir, "train"), val)
+    keep = [i for i, c in enumerate(pool.case_ids) if c in fold_of]
+    pool = subset(pool, keep)
+    fold = np.array([fold_of[c] for c in pool.case_ids], dtype=int)
+    views = None
+    for f in range(len(members)):
+        idx = np.flatnonzero(fold == f)
+        if not len(idx):
+            continue
+        v = view_logits(members[f], pool.images[torch.as_tensor(idx)], device, batch_size, tta)[:, 0].numpy()
+        if views is None:
+            views = np.zeros((v.shape[0], len(pool), v.shape[2]))
+        views[:, idx] = v
+    return Held(pool, views if views is not None else np.zeros((1, 0, 2)), fold)
+
+
+def _assess(rule: DecisionRule, views: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(uncalibrated probs, calibrated probs, decisions, uncertainty, referred) from (V, n, K) view logits."""
+    probs = rule.probs(views.mean(axis=0))
+    decisions = rule.decide(probs)
+    unc = spread(np.stack([rule.probs(v) for v in views]), rule.decided_column(decisions))
+    return M.apply_temperature(views.mean(axis=0), 1.0), probs, decisions, unc, rule.refer(probs, unc)
+
+
 def run_evaluate(params: Params, models_dir: Path | str | None = None, ingest_dir: Path | str | None = None,
                  out_dir: Path | str | None = None) -> dict:
+    """Held-out (val or out-of-fold) and test metrics of the model or fold ensemble, with TTA,
+    calibration fitted on the held-out predictions, per-case uncertainty and referral."""
     cfg = params.evaluate
     models_dir = Path(models_dir or params.train.out_dir)
     ingest_dir = Path(ingest_dir or params.ingest.out_dir)
     out = Path(out_dir or cfg.out_dir)
     device = resolve_device(params.train.device)
     model, info = load_checkpoint(models_dir, device=str(device))
-    splits = {s: load_split(ingest_dir, s) for s in ("val", "test")}
-    logits = {s: predict_logits(model, c.images, device, params.train.batch_size).numpy() for s, c in splits.items()}
-    labels = {s: c.labels.numpy() for s, c in splits.items()}
-    binary = logits["val"].shape[1] == 2
+    bs = params.train.batch_size or 8
+    n_members = len(members_of(model))
+    held_name = "val" if n_members == 1 else "oof"
+    held = held_out(model, ingest_dir, models_dir, device, bs, cfg.tta)
+    test = load_split(ingest_dir, "test")
+    tv = view_logits(model, test.images, device, bs, cfg.tta).numpy()  # (T, M, n, K)
+    y_held, y_test = held.cases.labels.numpy(), test.labels.numpy()
+    names = tuple(info.get("class_names") or [str(i) for i in range(tv.shape[-1])])
 
-    temperature = M.fit_temperature(logits["val"], labels["val"])
-    threshold = None
-    if binary and len(np.unique(labels["val"])) < 2:
-        threshold = 0.5  # one class in val: no ROC to choose from; the calibrated 0.5 is the honest default
-    elif binary:
-        val_score = M.apply_temperature(logits["val"], temperature)[:, 1]
-        if cfg.operating_point == "youden":
-            threshold = M.youden_threshold(labels["val"], val_score)
-        else:
-            threshold = M.threshold_for_sensitivity(labels["val"], val_score, cfg.target_sensitivity)
-    result = {
-        s: split_metrics(labels[s], logits[s], temperature, threshold, cfg.n_bootstrap, params.seed)
-        for s in ("val", "test")
-    }
-    result["calibration"] = {"temperature": _r(temperature, 6), "threshold": _r(threshold, 6),
-                             "operating_point": cfg.operating_point, "fitted_on": "val"}
-    result["subgroups"] = {
-        s: subgroup_metrics(splits[s], labels[s], logits[s], temperature, threshold, cfg.min_subgroup_cases,
-                            params.seed) for s in ("test",)
-    }
+    rule = fit_rule(held.views.mean(axis=0), y_held, names, cfg)
+    test_logits = tv.mean(axis=(0, 1))
+    T, thr = rule.temperature, rule.threshold
+    result = {held_name: split_metrics(y_held, held.views.mean(axis=0), T, thr, cfg.n_bootstrap, params.seed),
+              "test": split_metrics(y_test, test_logits, T, thr, cfg.n_bootstrap, params.seed)}
+    result["calibration"] = {"temperature": _r(T, 6), "threshold": _r(thr, 6), "operating_point": cfg.operating_point,
+                             "fitted_on": "val" if n_members == 1 else f"out-of-fold ({n_members} folds)",
+                             "n_fitted": int(len(y_held)), "tta": cfg.tta}
+    if cfg.tta != "none":  # the same pipeline without test-time views: rule refitted on held-out identity views
+        plain = fit_rule(held.views[0], y_held, names, cfg.model_copy(update={"tta": "none"}))
+        no_tta = split_metrics(y_test, tv[0].mean(axis=0), plain.temperature, plain.threshold, cfg.n_bootstrap,
+                               params.seed)
+        result["tta_effect"] = {"tta": cfg.tta, "n_views": int(tv.shape[0]), **{
+            f"{k}_{tag}": m.get(k) for tag, m in (("without", no_tta), ("with", result["test"]))
+            for k in ("auroc", "ece", "ece_calibrated", "brier_calibrated")}}
+    if n_members > 1:
+        result["per_fold"] = _per_fold(held, y_held, tv, y_test, rule, cfg, params.seed)
+        result["calibration"]["alternatives"] = _calibration_alternatives(held, y_held, test_logits, y_test, names,
+                                                                          cfg, rule)
+    assessed = _assess(rule, tv.reshape(-1, *tv.shape[2:]))
+    _, probs_t, dec_t, unc_t, ref_t = assessed
+    result["uncertainty"] = {
+        "measure": f"std of the calibrated probability over {tv.shape[0] * tv.shape[1]} views "
+                   f"({tv.shape[1]} member(s) x {tv.shape[0]} test-time transform(s))",
+        "test_mean": _r(float(unc_t.mean())) if len(unc_t) else None,
+        "referral": {"band": cfg.referral.band, "max_spread": cfg.referral.max_spread,
+                     **referral_summary(y_test, probs_t, dec_t, ref_t)}}
+    curve = selective_curve(y_test, probs_t, dec_t, unc_t, rule.margin(probs_t))
+    result["subgroups"] = {"test": subgroup_metrics(test, y_test, test_logits, T, thr, cfg.min_subgroup_cases,
+                                                    params.seed)}
     out.mkdir(parents=True, exist_ok=True)
     save_json(ReportDir(out).metrics, result)
-    rule = DecisionRule(temperature, threshold, tuple(info.get("class_names") or
-                                                      [str(i) for i in range(logits["val"].shape[1])]),
-                        cfg.operating_point)
     save_json(ReportDir(out).calibration, rule.to_calibration())
-    _write_predictions(ReportDir(out).predictions, splits, labels, logits, rule)
-    write_plots(out, labels["test"], logits["test"], temperature, threshold, binary)
-    _log_mlflow(params, models_dir, out, result)
+    held_rows = _assess(rule, held.views)
+    _write_predictions(ReportDir(out).predictions, {held_name: (held.cases, y_held, held_rows),
+                                                    "test": (test, y_test, assessed)}, rule)
+    write_plots(out, y_test, test_logits, T, thr, rule.binary)
+    save_dict_csv(ReportDir(out).plots / "selective_test.csv", ["coverage", "n", "auroc", "error_rate"], curve)
+    _log_mlflow(params, models_dir, out, result, held_name)
     return result
 
 
-def _write_predictions(path: Path, splits, labels, logits, rule: DecisionRule) -> None:
-    """One row per case: the uncalibrated and calibrated probability of the decided (binary: positive) class."""
+def _per_fold(held: Held, y_held, tv, y_test, rule: DecisionRule, cfg, seed: int) -> list[dict]:
     rows = []
-    for s, cases in splits.items():
-        raw = M.apply_temperature(logits[s], 1.0)
-        cal = rule.probs(logits[s])
-        decisions = rule.decide(cal)
+    for f in range(tv.shape[1]):
+        sel = held.fold == f
+        p_held = rule.probs(held.views[:, sel].mean(axis=0))
+        p_test = rule.probs(tv[:, f].mean(axis=0))
+        rows.append({"fold": f, "n_held_out": int(sel.sum()), "held_out_auroc": _r(discrimination(y_held[sel], p_held)),
+                     "test_auroc": _r(discrimination(y_test, p_test)),
+                     "test_ece": _r(M.ece(y_test, p_test[:, 1] if rule.binary else p_test))})
+    return rows
+
+
+def _calibration_alternatives(held: Held, y_held, test_logits, y_test, names, cfg, rule: DecisionRule) -> dict:
+    """Test calibration when the rule is fitted on all out-of-fold cases vs on one fold's held-out cases
+    alone (what a single train/val split would have had)."""
+    out = {}
+    one = held.fold == 0
+    for tag, r in (("out_of_fold", rule), ("fold0_only", fit_rule(held.views[:, one].mean(axis=0), y_held[one],
+                                                                  names, cfg))):
+        p = r.probs(test_logits)
+        out[tag] = {"n_fitted": int(len(y_held) if tag == "out_of_fold" else one.sum()),
+                    "temperature": _r(r.temperature, 4), "threshold": _r(r.threshold, 4),
+                    "test_ece_calibrated": _r(M.ece(y_test, p[:, 1] if r.binary else p)),
+                    "test_nll_calibrated": _r(M.nll(y_test, p[:, 1] if r.binary else p))}
+        if r.binary and r.threshold is not None and len(np.unique(y_test)) > 1:
+            rep = M.binary_report(y_test, p[:, 1], r.threshold)
+            out[tag] |= {"test_sensitivity": _r(rep["sensitivity"]), "test_specificity": _r(rep["specificity"])}
+    return out
+
+
+def _write_predictions(path: Path, splits: dict, rule: DecisionRule) -> None:
+    """One row per case: the uncalibrated and calibrated probability of the decided (binary: positive)
+    class, the decision, its uncertainty (views' spread) and whether it is referred to a human."""
+    rows = []
+    for s, (cases, y, (raw, probs, decisions, unc, referred)) in splits.items():
         for i, cid in enumerate(cases.case_ids):
             k = 1 if rule.binary else int(decisions[i])
-            rows.append([cid, s, int(labels[s][i]), f"{raw[i, k]:.6f}", f"{cal[i, k]:.6f}", int(decisions[i])])
-    save_csv(path, ["case_id", "split", "label", "probability", "calibrated_probability", "decision"], rows)
+            rows.append([cid, s, int(y[i]), f"{raw[i, k]:.6f}", f"{probs[i, k]:.6f}", int(decisions[i]),
+                         f"{unc[i]:.6f}", int(referred[i])])
+    save_csv(path, ["case_id", "split", "label", "probability", "calibrated_probability", "decision", "uncertainty",
+                    "referred"], rows)
 
 
-def _log_mlflow(params: Params, models_dir: Path, out: Path, result: dict) -> None:
+def _log_mlflow(params: Params, models_dir: Path, out: Path, result: dict, held_name: str) -> None:
     """Log metrics, figures and predictions to the training run."""
 
     from pipeline.core.records import flatten
@@ -159,8 +259,8 @@ def _log_mlflow(params: Params, models_dir: Path, out: Path, result: dict) -> No
     import mlflow
 
     flat = {}
-    for split in ("val", "test"):
-        for k, v in flatten(result[split]).items():
+    for split in (held_name, "test", "tta_effect", "uncertainty"):
+        for k, v in flatten(result.get(split) or {}).items():
             try:
                 flat[f"{split}_{k}"] = float(v)
             except ValueError:

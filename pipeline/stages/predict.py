@@ -93,22 +93,29 @@ def predict_one(impl, path: Path | str, modality: str | None = None) -> tuple[di
     from pipeline.errors import RejectedCase
 
     rec: dict = {"status": "rejected", "reason_code": "", "reason": "", "modality": None, "probabilities": None,
-                 "decision": None, "notes": []}
+                 "decision": None, "uncertainty": None, "referral": None, "notes": []}
     try:
         prep = impl.prepare_study(path, modality)
-        probs = impl.predict_tensors(prep.tensor[None])[0]
+        a = impl.assess_tensors(prep.tensor[None])
     except RejectedCase as err:
         rec.update(reason_code=err.code, reason=err.reason)
         return rec, None
     except Exception as err:  # noqa: BLE001 - one broken study must never stop the batch
         rec.update(reason_code="unexpected_error", reason=f"{type(err).__name__}: {str(err)[:200]}")
         return rec, None
-    k = int(impl.decide(probs[None])[0])
-    rule = impl.rule
+    probs, k, rule = a.probs[0], int(a.decisions[0]), impl.rule
     decision = {"class": impl.class_names[k], "index": k, "rule": rule.rule_text(),
                 "threshold": rule.threshold if rule.binary else None}
+    margin = float(rule.margin(a.probs)[0])
+    why = [f"decision margin {margin:.3f} < {rule.refer_band:g}"] if margin < rule.refer_band else []
+    if rule.refer_spread is not None and a.uncertainty[0] > rule.refer_spread:
+        why.append(f"views' spread {a.uncertainty[0]:.3f} > {rule.refer_spread:g}")
     rec.update(status="ok", modality=prep.modality, notes=prep.notes, decision=decision,
-               probabilities={n: float(p) for n, p in zip(impl.class_names, probs)})
+               probabilities={n: float(p) for n, p in zip(impl.class_names, probs)},
+               uncertainty={"spread": float(a.uncertainty[0]), "n_views": a.n_views, "tta": rule.tta,
+                            "measure": "std of the calibrated probability over fold members x test-time views"},
+               referral={"refer": bool(a.referred[0]), "reasons": why,
+                         "rule": {"band": rule.refer_band, "max_spread": rule.refer_spread}})
     return rec, prep
 
 

@@ -12,7 +12,14 @@ Promotion gate (applied to every new version; the rule, in order):
 1. ``test.auroc_ci95[0] >= register.min_auroc_ci_low`` (lower 95% bootstrap bound of the test
    AUROC, from reports/metrics.json);
 2. ``test.ece_calibrated <= register.max_ece_calibrated`` (ECE after temperature scaling);
-3. not worse than the current champion *on the same test set*: the champion (if any) and the
+3. explanation quality, from the explain stage's sanity checks (``sanity.json`` in
+   ``params.explain.out_dir``, `pipeline.layout.ExplainDir`): the file must exist unless
+   ``register.require_explanations`` is false; the model-parameter randomization check must have
+   passed (``register.require_randomization_check``); where lesion masks exist, the pointing-game
+   hit rate must be >= its random baseline + ``register.min_pointing_margin``; without masks
+   (e.g. MedMNIST) that rule is "not applicable (no lesion masks)" and does not fail. Each rule's
+   status is in the gate result (``explanations``) and the ``gate_explanations`` tag;
+4. not worse than the current champion *on the same test set*: the champion (if any) and the
    candidate are both loaded from the registry and score the currently ingested test split
    (``load_split(ingest.out_dir, "test")``); the candidate passes if
    ``AUROC_candidate >= AUROC_champion - register.champion_tolerance``. A paired DeLong test
@@ -37,12 +44,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Params
-from pipeline.core.gate import compare_with_champion, threshold_reasons
+from pipeline.core.gate import NO_MASKS, compare_with_champion, explanation_checks, threshold_reasons
 from pipeline.core.plan import load_plan
 from pipeline.errors import MissingInput
 from pipeline.io.artifacts import read_json
 from pipeline.io.tensors import load_split
-from pipeline.layout import ModelDir, ReportDir
+from pipeline.layout import ExplainDir, ModelDir, ReportDir
 from pipeline.tracking.registry import (
     CANDIDATE,
     CHAMPION,
@@ -88,6 +95,24 @@ def _score_champion(client, params: Params, name: str, champion: str, candidate_
     return out[cols].to_numpy(dtype=float)
 
 
+def read_sanity(params: Params) -> tuple[dict | None, Path]:
+    """The explain stage's sanity.json (None when it has not written one) and its path."""
+    path = ExplainDir(params.explain.out_dir).sanity
+    if not path.exists():
+        return None, path
+    sanity = read_json(path)
+    if not isinstance(sanity, dict):
+        raise ValueError(f"{path}: expected a JSON object of sanity checks, got {type(sanity).__name__}")
+    return sanity, path
+
+
+def _notes(explanations: list[dict]) -> str:
+    """The explanation rules that passed without being checked, for a passed gate's `gate_reason`."""
+    skipped = [c for c in explanations if c["status"] in (NO_MASKS, "not required")
+               or (c["status"] == "not checked" and c["rule"] == "explanations")]
+    return "".join(f"; {c['rule'].replace('_', ' ')} {c['status']}" for c in skipped)
+
+
 def run_gate(params: Params, version: str | int, metrics: dict | None = None, ingest_dir: Path | str | None = None,
              apply: bool = True) -> dict:
     """Check the promotion gate for `version`; with `apply`, move `champion` or tag `gate_reason`."""
@@ -101,7 +126,9 @@ def run_gate(params: Params, version: str | int, metrics: dict | None = None, in
     if metrics is None:
         metrics = json.loads(mv.tags.get("metrics_json", "{}"))
     test = metrics.get("test", {})
-    reasons = threshold_reasons(test, cfg)
+    sanity, sanity_path = read_sanity(params)
+    reasons = threshold_reasons(test, cfg, sanity, str(sanity_path))
+    explanations = explanation_checks(sanity, cfg, str(sanity_path))
     ci_low, ece = (test.get("auroc_ci95") or [None, None])[0], test.get("ece_calibrated")
 
     champion = alias_version(client, name, CHAMPION)
@@ -127,17 +154,18 @@ def run_gate(params: Params, version: str | int, metrics: dict | None = None, in
                            f"{str(err)[:200]})")
     passed = not reasons
     result = {"version": version, "passed": passed, "reasons": reasons, "auroc_ci_low": ci_low,
-              "ece_calibrated": ece, "champion_before": champion, "comparison": comparison,
-              "thresholds": cfg.model_dump(mode="json")}
+              "ece_calibrated": ece, "explanations": explanations, "champion_before": champion,
+              "comparison": comparison, "thresholds": cfg.model_dump(mode="json")}
     if apply:
         when = now()
-        tags = {"gate": "passed" if passed else "failed", "gate_checked_at": when}
+        tags = {"gate": "passed" if passed else "failed", "gate_checked_at": when,
+                "gate_explanations": json.dumps({c["rule"]: c["status"] for c in explanations})}
         if comparison:
             tags["gate_comparison"] = json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                                   for k, v in comparison.items()})
         if passed:
             client.set_registered_model_alias(name, CHAMPION, version)
-            tags["gate_reason"] = "passed all checks"
+            tags["gate_reason"] = "passed all checks" + _notes(explanations)
             if champion and champion != version:
                 client.set_model_version_tag(name, champion, "replaced_by", version)
                 client.set_model_version_tag(name, champion, "replaced_at", when)

@@ -4,7 +4,9 @@ Every study samples the same kind of anatomy (a torso phantom defined in world R
 voxel grid, so the files exercise what real readers must get right: DICOM slice sorting, LPS->RAS,
 PixelSpacing order, rescale, RLE decoding, stray files and localizers; NIfTI permuted, flipped and oblique
 affines, int16/float32 storage, arbitrary intensity scales. Label 1 means a lesion blob is present; its
-binary mask is saved on the image's own grid for every study.
+binary mask is saved on the image's own grid for every study. With ``task: three_class`` label 1 is a
+hyperdense/hyperintense lesion and label 2 a hypodense/hypointense one (`CLASS_NAMES`); ``preset: hard``
+swaps in small, faint lesions in noisier images (`PRESETS`).
 
 This driver holds the cohort plan (patients, studies, labels, fake PHI) and writes the cohort, truth.json
 and the manifest; the phantom and grids are pure in `pipeline.core.phantom` and the DICOM/NIfTI writers
@@ -45,6 +47,35 @@ from pipeline.progress import progress_map
 # Files in out_dir that mark it as ours, so a stale cohort may be deleted but nothing else.
 _MARKER = ".resdx-synthetic"
 
+# The names of labels 0..K-1 per `synthesize.task`: what `data.class_names` should say for the cohort.
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "binary": ("no lesion", "lesion"),
+    "three_class": ("no lesion", "hyperdense", "hypodense"),
+}
+
+# The difficulty knobs of SynthesizeConfig; a preset other than "default" REPLACES all of them with its
+# row below (explicit values in params.yaml are then ignored).
+DIFFICULTY_KEYS = ("lesion_radius_mm", "lesion_contrast_hu", "lesion_gain_mr", "ct_noise_hu", "mr_noise",
+                   "mr_bias_field", "ct_drift_hu")
+# default: the config as given (its shipped values make lesions so conspicuous, per-voxel lesion CNR
+# >~10 on CT and MR, that every model scores a test AUROC of ~1.0).
+# hard: aimed at a test AUROC of 0.80-0.95 for the default network (not yet confirmed by a training
+# run). Lesions of 6-12 mm radius (2-5 voxels across at 5 mm) with per-voxel CNR ~1-5: CT 30-80 HU
+# over 15-30 HU of noise plus a +-30 HU low-frequency drift; MR a 1.1-1.4x signal ratio (gain 0.1-0.4,
+# i.e. 0.045-0.18 over soft tissue's ~0.45) over a Rician sigma of 0.03-0.06 and a +-50% bias field.
+PRESETS: dict[str, dict[str, object]] = {
+    "default": {},
+    "hard": {
+        "lesion_radius_mm": (6.0, 12.0),
+        "lesion_contrast_hu": (30.0, 80.0),
+        "lesion_gain_mr": (0.1, 0.4),
+        "ct_noise_hu": (15.0, 30.0),
+        "mr_noise": (0.03, 0.06),
+        "mr_bias_field": 0.5,
+        "ct_drift_hu": 30.0,
+    },
+}
+
 
 # --------------------------------------------------------------------------------------------------------
 # Cohort plan
@@ -64,6 +95,14 @@ class SynthesisSummary:
     n_localizers: int
     n_files: int
     n_bytes: int
+    class_names: tuple[str, ...] = CLASS_NAMES["binary"]
+    label_counts: tuple[int, ...] = ()  # studies per label 0..K-1
+
+
+def resolve_preset(cfg: SynthesizeConfig) -> SynthesizeConfig:
+    """The config with its preset's difficulty values in place of its own (preset "default": `cfg` itself)."""
+    update = PRESETS[cfg.preset]
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -72,7 +111,12 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
 
 
 def plan_cohort(cfg: SynthesizeConfig, seed: int) -> list[CasePlan]:
-    """Patients, studies, modalities and labels; exact positive count = round(lesion_fraction * studies)."""
+    """Patients, studies, modalities and labels; exact positive count = round(lesion_fraction * studies).
+
+    three_class: the positives are split into label 1 (hyper) and 2 (hypo, negative contrast), hypo =
+    half rounded down. Its extra draw comes last, so the binary cohort's draws are unchanged.
+    """
+    cfg = resolve_preset(cfg)
     lo, hi = cfg.studies_per_patient
     if not 1 <= lo <= hi:
         raise ConfigError(f"synthesize.studies_per_patient must satisfy 1 <= low <= high, "
@@ -105,14 +149,19 @@ def plan_cohort(cfg: SynthesizeConfig, seed: int) -> list[CasePlan]:
         n_comp = max(1, n_comp)
     compressed = {ct_idx[i] for i in order[:n_comp]}
     localizer = set(ct_idx[::7])  # every 7th CT study, starting with the first
+    if cfg.task == "three_class":
+        positive = np.flatnonzero(labels == 1)
+        labels[rng.permutation(positive)[: len(positive) // 2]] = 2
+    sign = np.where(labels == 2, -1.0, 1.0)
     return [
         CasePlan(
             index=i, case_id=f"demo-c{i + 1:04d}", patient_id=f"demo-p{p + 1:0{width}d}",
             patient_key=f"p{p + 1:0{width}d}", study_key=f"s{s + 1:02d}", modality=mod, label=int(labels[i]),
             lesion_radius=round(float(radii[i]), 2), compressed=i in compressed, localizer=i in localizer,
-            lesion_contrast=float(np.interp(unit[i], [0, 1], cfg.lesion_contrast_hu if mod == "CT"
-                                            else cfg.lesion_gain_mr)),
-            phi=phi,
+            lesion_contrast=float(sign[i] * np.interp(unit[i], [0, 1], cfg.lesion_contrast_hu if mod == "CT"
+                                                      else cfg.lesion_gain_mr)),
+            phi=phi, ct_noise_hu=cfg.ct_noise_hu, mr_noise=cfg.mr_noise, mr_bias_field=cfg.mr_bias_field,
+            ct_drift_hu=cfg.ct_drift_hu,
         )
         for i, (p, s, mod, phi) in enumerate(rows)
     ]
@@ -172,28 +221,37 @@ def synthesize(cfg: SynthesizeConfig, seed: int, progress: bool = False) -> Synt
     # Every case draws from its own seeded generator, so parallel writing keeps the bytes identical.
     tasks = [{"plan": plan, "seed": seed, "out_dir": out_dir} for plan in plans]
     records = progress_map(_write_case_task, tasks, cfg.workers, "synthesizing", progress)
-    # One case per line: greppable and diff-friendly.
+    # One case per line: greppable and diff-friendly. The task, preset and class names are written only
+    # when not the defaults, so the default cohort's truth.json keeps its bytes.
     cases = ",\n".join("  " + json.dumps(rec) for rec in records)
-    save_text(out_dir / "truth.json", f'{{"seed": {seed},\n "cases": [\n{cases}\n ]}}\n')
+    class_names = CLASS_NAMES[cfg.task]
+    head: dict = {"seed": seed}
+    if cfg.task != "binary" or cfg.preset != "default":
+        head.update(task=cfg.task, preset=cfg.preset, class_names=list(class_names))
+    save_text(out_dir / "truth.json", json.dumps(head)[:-1] + f',\n "cases": [\n{cases}\n ]}}\n')
 
-    # Manifest paths are relative to the manifest's own folder, so the repository can move.
+    # Manifest paths are relative to the manifest's own folder, so the repository can move. Beyond two
+    # classes a label_name column (ignored by the reader) names each label: see data.class_names.
+    named = cfg.task != "binary"
     base = manifest.parent.resolve()
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case_id", "patient_id", "modality", "path", "label", "mask_path"])
+    writer.writerow(["case_id", "patient_id", "modality", "path", "label", "mask_path"] + ["label_name"] * named)
     for rec in records:
         rel = [
             Path(os.path.relpath((out_dir / rec[k]).resolve(), base)).as_posix()
             for k in ("image", "mask")
         ]
-        writer.writerow([rec["case_id"], rec["patient_id"], rec["modality"], rel[0], rec["label"], rel[1]])
+        writer.writerow([rec["case_id"], rec["patient_id"], rec["modality"], rel[0], rec["label"], rel[1]]
+                        + [class_names[rec["label"]]] * named)
     save_text(manifest, buf.getvalue())
 
     files = [p for p in out_dir.rglob("*") if p.is_file()]
     return SynthesisSummary(
         out_dir=out_dir, manifest=manifest, n_patients=cfg.n_patients, n_studies=len(plans),
         n_ct=sum(p.modality == "CT" for p in plans), n_mr=sum(p.modality == "MR" for p in plans),
-        n_positive=sum(p.label for p in plans), n_compressed=sum(p.compressed for p in plans),
+        n_positive=sum(p.label > 0 for p in plans), n_compressed=sum(p.compressed for p in plans),
         n_localizers=sum(p.localizer for p in plans), n_files=len(files),
-        n_bytes=sum(p.stat().st_size for p in files),
+        n_bytes=sum(p.stat().st_size for p in files), class_names=class_names,
+        label_counts=tuple(sum(p.label == k for p in plans) for k in range(len(class_names))),
     )

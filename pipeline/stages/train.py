@@ -11,9 +11,8 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,18 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import Params
-from pipeline.core.augment import Augmenter, class_weights, epoch_order
+from pipeline.core.augment import Augmenter, class_weights
 from pipeline.core.classifier import predict_logits, resolve_device
 from pipeline.core.models import ModelSpec, build_model, load_medicalnet
-from pipeline.core.plan import Plan
+from pipeline.core.plan import NetworkPlan, Plan
+from pipeline.core.training import auroc_of, local_order, make_optimizer, seed_everything
 from pipeline.errors import ResDxError
-from pipeline.io.artifacts import save_json
-from pipeline.io.checkpoint import save_checkpoint, save_weights
+from pipeline.io.artifacts import save_csv, save_json
+from pipeline.io.checkpoint import load_train_state, save_checkpoint, save_train_state, save_weights
+from pipeline.io.index import read_index
 from pipeline.io.tensors import CaseSet, load_split, read_plan, to_device_if_fits
 from pipeline.layout import IngestDir, ModelDir
+from pipeline.progress import EpochBar
 
 
 @dataclass
@@ -45,6 +47,7 @@ class TrainSummary:
     n_val: int
     run_id: str = ""
     history: list = field(default_factory=list)
+    members_trained: list = field(default_factory=list)  # members that ran epochs in this call (not cached)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -57,11 +60,6 @@ def init_distributed() -> tuple[int, int, int]:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
 
 
 def model_spec(params: Params, train: CaseSet, plan: Plan) -> ModelSpec:
@@ -85,72 +83,129 @@ def run_key(params: Params, data_id: str) -> str:
     return hashlib.blake2b(json.dumps(cfg, sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
-def make_optimizer(params: Params, model: nn.Module, steps_per_epoch: int):
-    t = params.train
-    if t.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                              nesterov=True)
-    total = max(1, t.epochs * steps_per_epoch)
-    if t.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    elif t.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=total)
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return opt, sched
-
-
-# ----------------------------------------------------------------------------- evaluation
-def auroc_of(labels: torch.Tensor, logits: torch.Tensor) -> float:
-    """Binary AUROC of class 1, or macro one-vs-rest for several classes; NaN if one class only."""
-    from sklearn.metrics import roc_auc_score
-
-    y = labels.numpy()
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    probs = torch.softmax(logits, dim=1).numpy()
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
-    present = np.unique(y)
-    sub = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
-    if len(present) == 2:
-        return float(roc_auc_score(y == present[1], sub[:, 1]))
-    return float(roc_auc_score(y, sub, multi_class="ovr", average="macro", labels=present))
-
-
 # ----------------------------------------------------------------------------- the stage
+@dataclass
+class Member:
+    """One network to train: the whole train split (K = 1) or one fold's complement (K > 1)."""
+
+    name: str  # "" for the single model, "fold<k>" for a fold member
+    train: CaseSet
+    val: CaseSet
+
+
+def members_for(train: CaseSet, val: CaseSet, folds: int, seed: int) -> tuple[list[Member], np.ndarray | None]:
+    """K = 1: train on train, select on val. K > 1: folds over train + val (test is never in the pool);
+    member k trains on the other folds and selects its epoch on fold k. Returns the pool's fold ids too."""
+    if folds <= 1:
+        return [Member("", train, val)], None
+    from pipeline.core.splits import assign_folds
+    from pipeline.io.tensors import concat, subset
+
+    pool = concat(train, val)
+    fold_of = assign_folds(pool.patient_ids, pool.labels.tolist(), folds, seed)
+    members = [Member(f"fold{k}", subset(pool, np.flatnonzero(fold_of != k)),
+                      subset(pool, np.flatnonzero(fold_of == k))) for k in range(folds)]
+    return members, fold_of
+
+
+def resolved(params: Params, network: dict) -> Params:
+    """Params with the network plan's choices filled in where params left them null."""
+    c = network["choices"]
+    model = params.model.model_copy(update={k: c[k] for k in ("name", "conv1_t_stride", "conv1_t_size", "pool",
+                                                              "output_stride", "padding")})
+    train = params.train.model_copy(update={"epochs": int(c["epochs"]), "batch_size": int(c["batch_size"])})
+    return params.model_copy(update={"model": model, "train": train})
+
+
 def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Path | str | None = None,
               progress: bool = True) -> TrainSummary:
-    """Train, keep the best checkpoint by validation AUROC, write OUT/{model.safetensors,model.json,...}."""
-    from pipeline.core.records import flatten
-    from pipeline.tracking.runs import data_hash, git_commit, start_run
+    """Train (one model, or K fold members), keep each member's best epoch by validation AUROC,
+    write OUT/{model.safetensors, model.json, plan.json, folds.csv, ...}."""
+    from pipeline.core.recipe import plan_network
+    from pipeline.tracking.runs import data_hash
 
     t0 = time.perf_counter()
-    t = params.train
     ingest_dir = Path(ingest_dir or params.ingest.out_dir)
-    out = Path(out_dir or t.out_dir)
+    out = Path(out_dir or params.train.out_dir)
     rank, world, local_rank = init_distributed()
-    device = resolve_device(t.device, local_rank)
+    device = resolve_device(params.train.device, local_rank)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        if params.train.threads:
+            torch.set_num_threads(params.train.threads)
     else:
         torch.backends.cudnn.benchmark = True
-    amp = t.amp and device.type == "cuda"
 
     plan = read_plan(ingest_dir)
     train, val = load_split(ingest_dir, "train", pin=device.type == "cuda"), load_split(ingest_dir, "val")
-    train = to_device_if_fits(train, device)
-    if len(train) == 0 or len(val) == 0:
+    if len(train) == 0 or (len(val) == 0 and params.split.folds <= 1):
         raise ResDxError(f"{ingest_dir}: need ok cases in both train ({len(train)}) and val ({len(val)}) splits",
                          code="no_training_data", hint="check the splits in index.csv (split.* or the manifest's "
                          "split column) and the rejection reasons")
+    try:
+        members, fold_of = members_for(train, val, params.split.folds, params.seed)
+    except ValueError as err:
+        raise ResDxError(str(err), code="no_training_data", hint="lower split.folds") from None
+    first = members[0].train
+    has_masks = any(IngestDir(ingest_dir).mask(c).exists() for c in train.case_ids)
+    network = plan_network(list(train.images.shape[2:]), len(first), np.bincount(first.labels.numpy()).tolist(),
+                           has_masks, params.model, params.train)
+    params = resolved(params, network)
     spec = model_spec(params, train, plan)
     dhash = data_hash(ingest_dir)
-    key = run_key(params, dhash)
+    case_hash = {r["case_id"]: r.get("source_hash", "") for r in read_index(ingest_dir)}
+    model_plan = plan.model_copy(update={"network": NetworkPlan(**network)})
+
+    fits: list[dict] = []
+    for m in members:  # the members of one stage log into one MLflow run (metrics prefixed `fold<k>/`)
+        shared = next((f["run_id"] for f in fits if f["run_id"]), None)
+        fits.append(_fit_member(params, spec, _to_device(m, device), model_plan, dhash, case_hash, device, rank,
+                                world, local_rank, progress, shared))
+    run_id = next((f["run_id"] for f in fits if f["run_id"]), "")
+    hist = [dict(h, fold=i) for i, f in enumerate(fits) for h in f["history"]]
+    summary = TrainSummary(
+        best_val_auroc=float(np.mean([f["best"] for f in fits])), best_epoch=fits[0]["best_epoch"],
+        epochs_run=max(len(f["history"]) for f in fits), stopped_early=any(f["stopped_early"] for f in fits),
+        seconds=time.perf_counter() - t0, device=str(device), n_train=len(first), n_val=len(members[0].val),
+        run_id=run_id, history=hist, members_trained=[f["name"] or "model" for f in fits if f["trained"]])
+    if rank == 0:
+        _export(out, fits, spec, model_plan, params, summary, dhash, members, fold_of)
+    if run_id and rank == 0 and params.mlflow.enabled:
+        import mlflow
+
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics({"best_val_auroc": summary.best_val_auroc, "best_epoch": summary.best_epoch})
+            mlflow.log_dict(model_plan.to_json(), "plan.json")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def member_data_id(member: Member, plan: Plan, case_hash: dict[str, str]) -> str:
+    """What a member's result depends on besides params: its own train and val cases (id, label and the
+    content hash ingest recorded) and the plan. Another fold's change leaves it, so it is not retrained."""
+    rows = [f"{s}:{c}:{int(y)}:{case_hash.get(c, '')}" for s, cs in (("t", member.train), ("v", member.val))
+            for c, y in zip(cs.case_ids, cs.labels.tolist())]
+    return hashlib.blake2b(("\n".join([plan.hash(), *rows])).encode(), digest_size=12).hexdigest()
+
+
+def _to_device(m: Member, device: torch.device) -> Member:
+    return Member(m.name, to_device_if_fits(m.train, device), m.val)
+
+
+def _fit_member(params: Params, spec: ModelSpec, member: Member, plan: Plan, dhash: str, case_hash: dict,
+                device: torch.device, rank: int, world: int, local_rank: int, progress: bool,
+                shared_run_id: str | None) -> dict:
+    """Train one network; resumes its last completed epoch, and a finished member (same key: settings,
+    network, data and the member's own cases) is not trained again."""
+    from pipeline.core.records import flatten
+    from pipeline.tracking.runs import git_commit, start_run
+
+    t = params.train
+    amp = t.amp and device.type == "cuda"
+    train, val = member.train, member.val
+    key = run_key(params, member_data_id(member, plan, case_hash))
     state = Path(t.state_dir) / key
     per_rank_batch = max(1, t.batch_size // world)
     n_local = math.ceil(len(train) / world)
@@ -169,29 +224,29 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
     criterion = nn.CrossEntropyLoss(weight=weights)
     augment = Augmenter(t.augment, spatial_dims=spec.input_ndim)
 
-    hist = progress_state["history"] if progress_state else []
-    best = progress_state["best"] if progress_state else -math.inf
-    best_epoch = progress_state["best_epoch"] if progress_state else -1
-    since = progress_state["since_best"] if progress_state else 0
-    start = progress_state["epoch"] + 1 if progress_state else 0
-    finished = bool(progress_state and progress_state.get("finished"))
-    run_id = progress_state.get("run_id") if progress_state else None
+    ps = progress_state or {}
+    hist, best = ps.get("history", []), ps.get("best", -math.inf)
+    best_epoch, since = ps.get("best_epoch", -1), ps.get("since_best", 0)
+    start = ps["epoch"] + 1 if progress_state else 0
+    finished, run_id = bool(ps.get("finished")), ps.get("run_id")
+    prefix = f"{member.name}/" if member.name else ""
 
-    mlrun = None
     log = rank == 0 and params.mlflow.enabled
     if log:
-        mlrun = start_run(params, run_id, run_name=f"{spec.name}-{spec.spatial_dims}d")
+        mlrun = start_run(params, run_id or shared_run_id, run_name=f"{spec.name}-{spec.spatial_dims}d"
+                          + (f"-{params.split.folds}fold" if params.split.folds > 1 else ""))
         run_id = mlrun.info.run_id
-        if not progress_state:
+        if not mlrun.data.params:
             import mlflow
 
             mlflow.log_params(flatten(params.model_dump(mode="json")))
             mlflow.set_tags({"git_commit": git_commit(), "dvc_data_hash": dhash, "device": str(device),
                              "world_size": world, "model": spec.name, "spatial_dims": spec.spatial_dims,
-                             "plan_version": plan.version})
+                             "plan_version": plan.version, "folds": params.split.folds})
             mlflow.log_dict(plan.to_json(), "plan.json")
 
-    bar = _Bar(progress and rank == 0, t.epochs - start, steps)
+    bar = EpochBar(progress and rank == 0 and not finished, t.epochs - start, steps,
+                   f"{member.name} epochs" if member.name else "epochs")
     try:
         for epoch in range(start, t.epochs):
             if finished:
@@ -199,7 +254,7 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
             te = time.perf_counter()
             net.train()
             torch.manual_seed(params.seed * 7919 + epoch)  # dropout etc.: a function of (seed, epoch)
-            order = _local_order(len(train), epoch, params.seed, train.labels.cpu(), t.imbalance == "sampler", rank,
+            order = local_order(len(train), epoch, params.seed, train.labels.cpu(), t.imbalance == "sampler", rank,
                                  world).to(train.images.device)
             loss_sum, n_steps = torch.zeros((), device=device), 0
             for step in range(steps):
@@ -220,7 +275,7 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
                 sched.step()
                 loss_sum += loss.detach()  # summed on the device: no host sync per step
                 n_steps += 1
-                bar.step(epoch)
+                bar.step()
             # Every rank evaluates the (small) validation set the same way: no broadcast needed.
             val_logits = predict_logits(model, val.images, device, t.batch_size, amp)
             val_loss = float(nn.functional.cross_entropy(val_logits, val.labels))
@@ -239,7 +294,8 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
             if log:
                 import mlflow
 
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}, step=epoch)
+                mlflow.log_metrics({prefix + k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)},
+                                   step=epoch)
             if rank == 0:
                 if improved:
                     save_weights(model, state / "best.safetensors")
@@ -251,113 +307,58 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
                 dist.barrier()
     finally:
         bar.close()
-
-    summary = TrainSummary(best_val_auroc=float(best), best_epoch=best_epoch, epochs_run=len(hist),
-                           stopped_early=len(hist) < t.epochs, seconds=time.perf_counter() - t0, device=str(device),
-                           n_train=len(train), n_val=len(val), run_id=run_id or "", history=hist)
-    if rank == 0:
-        _export(out, state, spec, plan, params, summary, dhash, ingest_dir)
     if log:
         import mlflow
 
-        mlflow.log_metrics({"best_val_auroc": summary.best_val_auroc, "best_epoch": best_epoch})
         mlflow.end_run()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return summary
-
-
-def _local_order(n: int, epoch: int, seed: int, labels: torch.Tensor, balanced: bool, rank: int, world: int
-                 ) -> torch.Tensor:
-    if world == 1:
-        return epoch_order(n, epoch, seed, labels, balanced)
-    if not balanced:
-        from torch.utils.data import DistributedSampler
-
-        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-        return torch.tensor(list(iter(sampler)), dtype=torch.long)
-    order = epoch_order(n, epoch, seed, labels, balanced)
-    pad = (-len(order)) % world
-    order = torch.cat([order, order[:pad]])
-    return order[rank::world]
+    return {"name": member.name, "state": state, "best": float(best), "best_epoch": best_epoch, "history": hist,
+            "stopped_early": len(hist) < t.epochs, "run_id": run_id or "", "trained": not bool(ps.get("finished"))}
 
 
 def _save_state(state: Path, model, opt, sched, progress: dict) -> None:
-    save_weights(model, state / "last.safetensors")
-    tmp = state / ".tmp-optim.pt"
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
-    tmp.replace(state / "optim.pt")
-    save_json(state / "progress.json", progress)  # written last: it marks the epoch complete
+    save_train_state(state, model, opt, sched, progress)
 
 
 def _load_state(state: Path, model, opt, sched) -> dict | None:
-    """Resume from the last completed epoch of the same run key, if any."""
+    return load_train_state(state, model, opt, sched)
+
+
+def _export(out: Path, fits: list[dict], spec: ModelSpec, plan: Plan, params: Params, s: TrainSummary, dhash: str,
+            members: list[Member], fold_of: np.ndarray | None) -> None:
+    """The best epoch of every member as one network (a fold ensemble when K > 1), its spec, the plan
+    with the chosen network, folds.csv (the validation cases of each member), metrics and history."""
     from safetensors.torch import load_file
 
-    prog = state / "progress.json"
-    if not prog.exists():
-        return None
-    progress = json.loads(prog.read_text())
-    model.load_state_dict(load_file(str(state / "last.safetensors")))
-    blob = torch.load(state / "optim.pt", map_location="cpu", weights_only=True)  # our own file, tensors only
-    opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    return progress
+    from pipeline.core.models import EnsembleNet
 
-
-def _export(out: Path, state: Path, spec: ModelSpec, plan: Plan, params: Params, s: TrainSummary, dhash: str,
-            ingest_dir: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import load_file
-
-    best = build_model(spec)
-    best.load_state_dict(load_file(str(state / "best.safetensors")))
+    nets = []
+    for f in fits:
+        net = build_model(spec)
+        net.load_state_dict(load_file(str(f["state"] / "best.safetensors")))
+        nets.append(net)
+    final = nets[0] if len(nets) == 1 else EnsembleNet(nets)
+    final_spec = replace(spec, n_members=len(nets))
     class_names = plan.class_names or [str(i) for i in range(spec.n_classes)]
-    save_checkpoint(best, spec, out, {
+    folds = [{"fold": i, "best_epoch": f["best_epoch"], "best_val_auroc": round(f["best"], 4),
+              "n_train": len(m.train), "n_val": len(m.val)} for i, (f, m) in enumerate(zip(fits, members))]
+    save_checkpoint(final, final_spec, out, {
         "class_names": class_names, "input_shape": list(plan.shape), "best_epoch": s.best_epoch,
         "best_val_auroc": s.best_val_auroc, "seed": params.seed, "data_hash": dhash, "mlflow_run_id": s.run_id,
-        "source": plan.source,
+        "source": plan.source, "folds": folds,
     })
     layout = ModelDir(out)
-    shutil.copyfile(IngestDir(ingest_dir).plan, layout.plan)
-    save_json(layout.train_metrics, {"best_val_auroc": round(s.best_val_auroc, 4), "best_epoch": s.best_epoch,
-                                           "epochs_run": s.epochs_run, "seconds": round(s.seconds, 1),
-                                           "n_train": s.n_train, "n_val": s.n_val})
+    save_json(layout.plan, plan.to_json())
+    save_csv(layout.folds, ["case_id", "fold"], [[c, i] for i, m in enumerate(members) for c in m.val.case_ids])
+    metrics = {"best_val_auroc": round(s.best_val_auroc, 4), "best_epoch": s.best_epoch, "epochs_run": s.epochs_run,
+               "seconds": round(s.seconds, 1), "n_train": s.n_train, "n_val": s.n_val}
+    if len(fits) > 1:
+        metrics |= {"folds": len(fits), "fold_best_val_auroc": [f["best_val_auroc"] for f in folds]}
+    save_json(layout.train_metrics, metrics)
     if params.mlflow.enabled:
         save_json(layout.run, {"run_id": s.run_id, "tracking_uri": params.mlflow.tracking_uri})
     with layout.history.open("w") as fh:
-        fh.write("epoch,train_loss,val_loss,val_auroc,lr\n")
+        fh.write("epoch,train_loss,val_loss,val_auroc,lr,fold\n")
         for r in s.history:
-            fh.write(f"{r['epoch']},{r['train_loss']:.5f},{r['val_loss']:.5f},{r['val_auroc']:.5f},{r['lr']:.6g}\n")
-
-
-class _Bar:
-    """Rich progress: one bar over epochs (with ETA) and one over the steps of the current epoch."""
-
-    def __init__(self, show: bool, epochs: int, steps: int):
-        self.show = show
-        if not show:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"),
-                          TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-        self.p.start()
-        self.e = self.p.add_task("epochs", total=epochs, info="")
-        self.s = self.p.add_task("steps", total=steps, info="")
-
-    def step(self, epoch: int) -> None:
-        if self.show:
-            self.p.update(self.s, advance=1)
-
-    def epoch_done(self, epoch: int, row: dict, best: float) -> None:
-        if self.show:
-            self.p.update(self.e, advance=1, info=f"epoch {epoch}: train loss {row['train_loss']:.4f}, "
-                          f"val AUROC {row['val_auroc']:.3f} (best {best:.3f})")
-            self.p.reset(self.s)
-
-    def close(self) -> None:
-        if self.show:
-            self.p.stop()
+            fh.write(f"{r['epoch']},{r['train_loss']:.5f},{r['val_loss']:.5f},{r['val_auroc']:.5f},{r['lr']:.6g},"
+                     f"{r['fold']}\n")

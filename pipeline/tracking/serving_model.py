@@ -126,6 +126,11 @@ class ResDxModel(mlflow.pyfunc.PythonModel):
         """Binary: 1 where p(class 1) >= the registered threshold; otherwise the argmax class."""
         return self.rule.decide(probs)
 
+    def assess_tensors(self, images: np.ndarray):
+        """Probabilities, decisions, per-case uncertainty (spread over the fold members and test-time
+        views) and referral, as the evaluate stage computed them (`pipeline.core.classifier.Assessment`)."""
+        return self.classifier.assess(np.asarray(images, dtype=np.float32))
+
     # ------------------------------------------------------------------ studies
     def resolve_modality(self, path: Path, modality: str | None) -> str:
         """A DICOM header's modality, else the given one (CT/MR/MRI; NIfTI has none), else the
@@ -194,15 +199,16 @@ class ResDxModel(mlflow.pyfunc.PythonModel):
             except Exception as err:  # noqa: BLE001 - one broken study must never stop the batch
                 row.update(reason_code="unexpected_error", reason=f"{type(err).__name__}: {str(err)[:200]}")
             rows.append(row)
-        probs = self.predict_tensors(np.stack(tensors)) if tensors else np.zeros((0, len(self.class_names)))
-        decisions = self.decide(probs)
+        a = self.assess_tensors(np.stack(tensors)) if tensors else None
         position = {i: j for j, i in enumerate(ok_rows)}
         for i, row in enumerate(rows):
             j = position.get(i)
             for c, name in enumerate(self.class_names):
-                row[PROB_PREFIX + name] = float(probs[j, c]) if j is not None else float("nan")
-            row["decision"] = int(decisions[j]) if j is not None else None
-            row["predicted_class"] = self.class_names[int(decisions[j])] if j is not None else None
+                row[PROB_PREFIX + name] = float(a.probs[j, c]) if j is not None else float("nan")
+            row["decision"] = int(a.decisions[j]) if j is not None else None
+            row["predicted_class"] = self.class_names[int(a.decisions[j])] if j is not None else None
+            row["uncertainty"] = float(a.uncertainty[j]) if j is not None else float("nan")
+            row["referred"] = bool(a.referred[j]) if j is not None else None
         out = pd.DataFrame(rows, index=df.index)
         out["decision"] = out["decision"].astype("Int64")
         return out

@@ -1,0 +1,88 @@
+"""The network plan: the classifier's shape and training budget, chosen from the data (pure).
+
+nnU-Net plans its U-Net from the dataset fingerprint; this does the same for the ResNet
+classifier. Inputs: the model input's spatial size, the training case count and class balance,
+and whether lesion masks exist. Every choice can be overridden in params (`model.*`,
+`train.epochs`, `train.batch_size`: a value wins over the rule), and the plan records, per
+choice, the value and why (models/plan.json, `network`). The rules and the measurements behind
+them are in README "Network plan".
+"""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.config import ModelConfig, TrainConfig
+
+MIN_STEM_GRID = 24  # voxels per axis the stem's output must keep for a stride-2 stem
+MIN_EVIDENCE_CELLS = 4  # last-stage cells per axis the evidence head needs to point at a finding
+BUDGET_PRESENTATIONS = 3000  # case presentations per training run on the CPU budget
+EPOCH_RANGE = (8, 15)
+MIN_STEPS_PER_EPOCH = 64
+
+
+def _stem(size: int) -> tuple[int, int, str]:
+    if size // 2 >= MIN_STEM_GRID:
+        return 2, 7, (f"input {size} per axis: a stride-2 stem still leaves {size // 2} >= {MIN_STEM_GRID}; "
+                      "7-voxel kernel as in MONAI/torchvision ResNets")
+    return 1, 3, (f"input {size} per axis: a stride-2 stem would leave {size // 2} < {MIN_STEM_GRID} "
+                  "(7/8 of the voxels gone before the first block); stride 1 with a 3-voxel kernel "
+                  "(a 7^3 kernel at full resolution costs 12.7x for a receptive field the stages give anyway)")
+
+
+def _output_stride(size: int, stem_stride: int, pool: str) -> tuple[int, str]:
+    if pool != "lse":
+        return 32, "no dilation: the classic ResNet; an averaged head does not need a finer last stage"
+    for os in (32, 16, 8):
+        cells = math.ceil(size * 2 / (stem_stride * os))  # os counts a stride-2 stem; a stride-1 stem halves it
+        if cells >= MIN_EVIDENCE_CELLS:
+            return os, f"{cells} last-stage cells per axis (>= {MIN_EVIDENCE_CELLS}) for the evidence head"
+    return 8, f"the finest available (layer3 and layer4 dilated): {math.ceil(size * 2 / (stem_stride * 8))} cells"
+
+
+def plan_network(spatial: list[int], n_train: int, class_counts: list[int], has_masks: bool,
+                 model: ModelConfig, train: TrainConfig) -> dict:
+    """{"choices": {key: value}, "why": {key: reason}} for name, conv1_t_stride, conv1_t_size,
+    pool, output_stride, padding, batch_size and epochs; `model`/`train` values override."""
+    size = int(min(spatial)) if spatial else 1
+    choices: dict = {}
+    why: dict = {}
+
+    def pick(key: str, configured, value, reason: str) -> None:
+        choices[key] = configured if configured is not None else value
+        why[key] = "params" if configured is not None else reason
+
+    pick("name", model.name, "resnet10", "one block per stage: the smallest MONAI ResNet (README: resnet18 "
+         "measured no better on the small-3D proxy, at twice the cost)")
+    stride, kernel, stem_why = _stem(size)
+    pick("conv1_t_stride", model.conv1_t_stride, stride, stem_why)
+    pick("conv1_t_size", model.conv1_t_size, 7 if choices["conv1_t_stride"] >= 2 else kernel, stem_why)
+    if has_masks:
+        pick("pool", model.pool, "lse", "lesion masks exist: the evidence head (log-sum-exp of per-cell scores) "
+             "keeps evidence where the finding is, and the pointing game measures and gates it")
+    else:
+        pick("pool", model.pool, "avg", "no lesion masks: localisation cannot be measured here, so the classic "
+             "average-pooled head (measured better calibrated on the small-3D proxy)")
+    os, os_why = _output_stride(size, choices["conv1_t_stride"], choices["pool"])
+    pick("output_stride", model.output_stride, os, os_why)
+    pick("padding", model.padding, "replicate" if choices["pool"] == "lse" else "zeros",
+         "replicate with the evidence head (zero padding lets a cell find the border and pool evidence there)"
+         if choices["pool"] == "lse" else "zeros (MONAI's)")
+    batch = 8
+    for b in (16, 32):
+        if n_train / b >= MIN_STEPS_PER_EPOCH:
+            batch = b
+    pick("batch_size", train.batch_size, batch, f"{n_train} training cases: the largest of 8/16/32 that still "
+         f"gives >= {MIN_STEPS_PER_EPOCH} steps per epoch (8 at least, for BatchNorm statistics)")
+    lo, hi = EPOCH_RANGE
+    epochs = int(min(hi, max(lo, round(BUDGET_PRESENTATIONS / max(1, n_train)))))
+    pick("epochs", train.epochs, epochs, f"about {BUDGET_PRESENTATIONS} case presentations ({n_train} cases), "
+         f"within {lo}-{hi} epochs; the best epoch by validation AUROC is kept")
+    balance = (f"class counts {class_counts}: imbalance handled by train.imbalance={train.imbalance}"
+               if class_counts else "")
+    return {"choices": choices, "why": why, "fingerprint": {"input_size": list(spatial), "n_train": n_train,
+                                                             "class_counts": class_counts, "has_masks": has_masks,
+                                                             "balance": balance}}
+
+
+__all__ = ["plan_network"]

@@ -1,0 +1,135 @@
+"""The network plan's rules, K-fold assignment, test-time views, ensembles, uncertainty and referral (pure)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelConfig, Params, TrainConfig
+from pipeline.core.classifier import Classifier, DecisionRule
+from pipeline.core.models import EnsembleNet, ModelSpec, build_model
+from pipeline.core.recipe import plan_network
+from pipeline.core.selective import fit_rule, referral_summary, selective_curve
+from pipeline.core.splits import assign_folds
+from pipeline.core.views import apply_view, spread, transforms, view_logits
+
+
+def test_the_plan_keeps_a_small_inputs_voxels_and_the_demo_network():
+    small = plan_network([28, 28, 28], 1188, [942, 246], False, ModelConfig(), TrainConfig())["choices"]
+    assert small == {"name": "resnet10", "conv1_t_stride": 1, "conv1_t_size": 3, "pool": "avg", "output_stride": 32,
+                     "padding": "zeros", "batch_size": 16, "epochs": 8}
+    demo = plan_network([48, 48, 48], 187, [95, 92], True, ModelConfig(), TrainConfig())["choices"]
+    assert demo == {"name": "resnet10", "conv1_t_stride": 2, "conv1_t_size": 7, "pool": "lse", "output_stride": 8,
+                    "padding": "replicate", "batch_size": 8, "epochs": 15}
+
+
+def test_every_planned_choice_can_be_overridden_and_says_why():
+    net = plan_network([28, 28, 28], 1188, [942, 246], False, ModelConfig(conv1_t_stride=2, pool="lse"),
+                       TrainConfig(epochs=3))
+    c, why = net["choices"], net["why"]
+    assert (c["conv1_t_stride"], c["conv1_t_size"], c["pool"], c["epochs"]) == (2, 7, "lse", 3)
+    assert why["conv1_t_stride"] == why["pool"] == why["epochs"] == "params"
+    assert c["output_stride"] == 8 and "cells" in why["output_stride"]  # the evidence head still gets its cells
+    assert set(why) == set(c) and all(why.values())
+
+
+@pytest.mark.parametrize("n,batch", [(100, 8), (1100, 16), (2100, 32)])
+def test_batch_size_keeps_enough_steps_per_epoch(n, batch):
+    assert plan_network([32] * 3, n, [n // 2, n - n // 2], False, ModelConfig(), TrainConfig())["choices"][
+        "batch_size"] == batch
+
+
+def test_folds_are_patient_level_stratified_and_deterministic():
+    rng = np.random.default_rng(0)
+    patients = [f"p{i // 2}" for i in range(200)]  # two cases per patient
+    labels = [int(rng.random() < 0.25) for _ in range(100) for _ in range(2)]
+    folds = assign_folds(patients, labels, 5, seed=3)
+    assert set(folds) == set(range(5))
+    for p in set(patients):
+        assert len({folds[i] for i, q in enumerate(patients) if q == p}) == 1
+    prevalence = [np.mean(np.asarray(labels)[folds == k]) for k in range(5)]
+    assert max(prevalence) - min(prevalence) < 0.15
+    assert np.array_equal(folds, assign_folds(patients, labels, 5, seed=3))
+    with pytest.raises(ValueError, match="patients"):
+        assign_folds(["a", "a", "b"], [0, 1, 0], 3, seed=0)
+
+
+def test_views_are_the_identity_first_then_flips_and_shifts():
+    assert transforms("none", 3) == [((), None)]
+    assert len(transforms("flips", 3)) == 8 and transforms("flips", 3)[0] == ((), None)
+    assert len(transforms("flips_shifts", 2)) == 4 + 4
+    x = torch.arange(2 * 1 * 4 * 5 * 6, dtype=torch.float32).reshape(2, 1, 4, 5, 6)
+    assert torch.equal(apply_view(x, ((0, 2), None)), x.flip([2, 4]))
+    shifted = apply_view(x, ((), (1, 2)))
+    assert torch.equal(shifted[:, :, :, 2:], x[:, :, :, :3]) and torch.equal(shifted[:, :, :, 0], x[:, :, :, 0])
+
+
+def _spec(**kw):
+    base = {"name": "resnet10", "spatial_dims": 3, "in_channels": 1, "n_classes": 2, "input_ndim": 3,
+            "conv1_t_stride": 2, "pool": "avg"}
+    return ModelSpec(**{**base, **kw})
+
+
+def test_an_ensemble_serves_the_mean_of_its_members_logits_and_one_state_dict_holds_them():
+    torch.manual_seed(0)
+    ens = build_model(_spec(n_members=3)).eval()
+    assert isinstance(ens, EnsembleNet) and len(ens.members) == 3
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        per = torch.stack([m(x) for m in ens.members])
+        torch.testing.assert_close(ens(x), per.mean(0))
+    assert all(k.startswith("members.") for k in ens.state_dict())
+    v = view_logits(ens, x, torch.device("cpu"), batch_size=1, tta="flips")
+    assert v.shape == (8, 3, 2, 2)
+    torch.testing.assert_close(v[0], per)  # the identity view is the plain forward pass, in input order
+
+
+def test_uncertainty_is_zero_for_one_view_and_grows_when_views_disagree():
+    probs = np.array([[[0.2, 0.8], [0.5, 0.5]]])
+    assert np.array_equal(spread(probs, 1), [0.0, 0.0])
+    views = np.array([[[0.2, 0.8], [0.5, 0.5]], [[0.6, 0.4], [0.5, 0.5]]])
+    np.testing.assert_allclose(spread(views, 1), [0.2, 0.0])
+
+
+def test_referral_takes_cases_near_the_threshold_or_with_a_large_spread():
+    rule = DecisionRule(1.0, 0.5, ("no", "yes"), refer_band=0.1, refer_spread=0.15)
+    probs = np.array([[0.45, 0.55], [0.1, 0.9], [0.1, 0.9]])
+    referred = rule.refer(probs, np.array([0.0, 0.0, 0.3]))
+    assert referred.tolist() == [True, False, True]
+    summary = referral_summary(np.array([0, 1, 1]), probs, rule.decide(probs), referred)
+    assert summary["n_referred"] == 2 and summary["error_rate_all"] == pytest.approx(1 / 3, abs=1e-4)
+    assert summary["error_rate_automatic"] == 0.0
+    back = DecisionRule.from_calibration(rule.to_calibration())
+    assert back == rule
+
+
+def test_the_selective_curve_keeps_the_most_certain_cases_first():
+    y = np.array([1, 0, 1, 0])
+    probs = np.array([[0.1, 0.9], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])  # the last two are wrong
+    decisions = probs.argmax(1)
+    curve = selective_curve(y, probs, decisions, uncertainty=np.array([0.0, 0.01, 0.3, 0.2]),
+                            margin=np.abs(probs[:, 1] - 0.5), steps=4)
+    assert [r["n"] for r in curve] == [1, 2, 3, 4]
+    assert [r["error_rate"] for r in curve] == [0.0, 0.0, pytest.approx(1 / 3, abs=1e-4), 0.5]
+
+
+def test_the_rule_is_fitted_on_held_out_logits_and_records_tta_and_referral():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    s = (y * 2 - 1) * 1.5 + rng.normal(0, 1.5, 300)  # the true log-odds are 4/3 s
+    logits = np.c_[np.zeros(300), 3.0 * s]  # over-confident: T = 3 / (4/3) = 2.25 in the limit
+    cfg = Params().evaluate
+    rule = fit_rule(logits, y, ("no", "yes"), cfg)
+    assert 1.5 < rule.temperature < 3.2 and 0.0 < rule.threshold < 1.0
+    assert (rule.tta, rule.refer_band, rule.refer_spread) == (cfg.tta, cfg.referral.band, cfg.referral.max_spread)
+
+
+def test_a_classifier_assesses_in_one_pass():
+    torch.manual_seed(0)
+    net = build_model(_spec(n_members=2)).eval()
+    rule = DecisionRule(1.0, 0.5, ("no", "yes"), tta="flips", refer_band=0.0, refer_spread=None)
+    a = Classifier(net, rule).assess(torch.randn(3, 1, 16, 16, 16))
+    assert a.n_views == 16 and a.probs.shape == (3, 2) and (a.uncertainty > 0).all()
+    np.testing.assert_allclose(a.probs.sum(1), 1.0)
+    assert not a.referred.any()
