@@ -34,7 +34,9 @@ class SynthesizeConfig(_Strict):
     compressed_fraction: float = Field(0.3, ge=0.0, le=1.0)
     # binary: 0 = no lesion, 1 = lesion. three_class: 1 = hyperdense/hyperintense, 2 = hypodense/
     # hypointense (the lesion_fraction cases with a lesion are split evenly between 1 and 2).
-    task: Literal["binary", "three_class"] = "binary"
+    # two_findings: multi-label, two independent findings per study (hyperdense, hypodense lesion), each
+    # present with probability lesion_fraction, both may co-occur; the manifest label is "A;B", e.g. "1;0".
+    task: Literal["binary", "three_class", "two_findings"] = "binary"
     # default: the knobs below as given. hard: the difficulty knobs (lesion size and contrast, noise,
     # bias field, CT drift) are REPLACED by pipeline.stages.synthesize.PRESETS["hard"]; explicit values
     # of those keys are then ignored.
@@ -74,7 +76,8 @@ class DataConfig(_Strict):
 
     source: Literal["manifest", "medmnist"] = "manifest"
     manifest: Path = Path("data_manifests/demo.csv")
-    # Names of the label values 0..K-1 (manifest source); MedMNIST takes its own from INFO.
+    # Names of the label values 0..K-1 (manifest source); a multi-label manifest (labels "1;0;1") names its
+    # labels here, in order. MedMNIST takes its own from INFO.
     class_names: list[str] | None = ["no lesion", "lesion"]
     medmnist: MedMNISTConfig = MedMNISTConfig()
 

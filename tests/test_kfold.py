@@ -119,8 +119,8 @@ def test_the_ensemble_is_registered_served_and_explained(kfold, evaluated, demo_
     assert rec["status"] == "ok"
     assert rec["uncertainty"]["n_views"] == 24 and rec["uncertainty"]["spread"] >= 0
     assert isinstance(rec["referral"]["refer"], bool) and rec["referral"]["rule"]["band"] == 0.1
-    evaluated_p = next(float(r["calibrated_probability"]) for r in csv.DictReader((tmp / "reports/predictions.csv")
-                                                                                    .open()) if r["case_id"] == test_case)
+    evaluated_p = next(float(r["calibrated_probability"])
+                       for r in csv.DictReader((tmp / "reports/predictions.csv").open()) if r["case_id"] == test_case)
     assert rec["probabilities"]["lesion"] == pytest.approx(evaluated_p, abs=1e-4)  # served = evaluated
     run_explain(params, case_ids=[test_case])
     explained = next(csv.DictReader((tmp / "explain/cases.csv").open()))

@@ -156,11 +156,52 @@ def test_missing_file_names_the_expected_file(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_multi_label_and_unknown_flags_are_rejected(tmp_path):
-    with pytest.raises(MedMNISTError, match="multi-label tasks are not supported by the single-label classifier"):
-        run_medmnist(_params("chestmnist", tmp_path, tmp_path / "out"), progress=False)
+def test_unknown_flags_are_rejected(tmp_path):
     with pytest.raises(MedMNISTError, match="unknown MedMNIST flag 'pneumomnist'"):
         run_medmnist(_params("pneumomnist", tmp_path, tmp_path / "out"), progress=False)
+
+
+def _write_multilabel_npz(path: Path, image_shape: tuple, counts: dict, n_labels: int, seed: int = 0) -> None:
+    """The official multi-label layout (chestmnist): labels (N, L) of 0/1."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in counts.items():
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(n, *image_shape), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (rng.random((n, n_labels)) < 0.3).astype(np.uint8)
+    np.savez_compressed(path, **arrays)
+
+
+def test_multi_label_flag_ingests_label_vectors(tmp_path):
+    from pipeline.io.tensors import load_split
+
+    root = tmp_path / "medmnist"
+    root.mkdir()
+    _write_multilabel_npz(root / "chestmnist.npz", (28, 28), {"train": 8, "val": 4, "test": 4}, n_labels=14)
+    out = tmp_path / "out"
+    with pytest.warns(MedMNISTCountWarning):
+        s = run_medmnist(_params("chestmnist", root, out), progress=False)
+    assert s.splits == {"train": 8, "val": 4, "test": 4}
+    plan = json.loads((out / "plan.json").read_text())
+    info = medmnist_info()["chestmnist"]
+    assert plan["task"] == "multi_label" and load_plan(out / "plan.json").multi_label
+    assert plan["n_classes"] == 14 and plan["class_names"] == [info["label"][str(i)] for i in range(14)]
+    rows = read_index(out)
+    with np.load(root / "chestmnist.npz") as z:
+        expected = z["train_labels"]
+    assert rows[0]["label"] == ";".join(str(v) for v in expected[0])  # one `label` column, ';'-joined
+    train = load_split(out, "train")
+    assert train.labels.shape == (8, 14) and train.labels.dtype.is_floating_point is False
+    assert np.array_equal(train.labels.numpy(), expected)
+    assert train.images.shape == (8, 1, 28, 28)
+
+
+def test_multi_label_flag_needs_label_vectors_and_single_label_flags_refuse_them(tmp_path):
+    _write_npz(tmp_path / "chestmnist.npz", (28, 28), {"train": 2, "val": 1, "test": 1}, n_classes=2)
+    with pytest.raises(MedMNISTError, match=r"multi-label flag needs \(N, 14\) integer 0/1 labels"):
+        run_medmnist(_params("chestmnist", tmp_path / "chestmnist.npz", tmp_path / "out"), progress=False)
+    _write_multilabel_npz(tmp_path / "bloodmnist.npz", (28, 28, 3), {"train": 2, "val": 1, "test": 1}, n_labels=3)
+    with pytest.raises(MedMNISTError, match="3 labels per image .*single-label task"):
+        run_medmnist(_params("bloodmnist", tmp_path / "bloodmnist.npz", tmp_path / "out"), progress=False)
 
 
 def test_wrong_image_size_is_a_clear_error(tmp_path):

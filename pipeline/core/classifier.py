@@ -47,7 +47,10 @@ class DecisionRule:
     """Temperature scaling and the operating point, fitted on validation by evaluate.
 
     Binary models decide class 1 when the calibrated p(class 1) >= `threshold`; models with more
-    classes (or without a threshold) take the most probable calibrated class.
+    classes (or without a threshold) take the most probable calibrated class. Multi-label models
+    (`task` "multi_label", `class_names` naming the labels) give each label its own calibrated
+    probability sigmoid(logit / T), one T shared by all labels, and decide each label on its own:
+    p(label) >= `thresholds[label]`; decisions are then (N, L) 0/1.
     """
 
     temperature: float
@@ -57,6 +60,8 @@ class DecisionRule:
     tta: str = "none"  # the test-time views the temperature and threshold were fitted on (core/views.py)
     refer_band: float = 0.0  # refer to a human when the decision margin is below this
     refer_spread: float | None = None  # ... or when the views' spread of the probability is above this
+    task: str = "single_label"  # or "multi_label"
+    thresholds: tuple[float, ...] | None = None  # multi-label: one per label (None: 0.5 each)
 
     @classmethod
     def from_calibration(cls, cal: dict, class_names=None) -> DecisionRule:
@@ -64,38 +69,66 @@ class DecisionRule:
         thr = cal.get("threshold")
         referral = cal.get("referral") or {}
         spread = referral.get("max_spread")
+        per_label = cal.get("thresholds")
         return cls(float(cal["temperature"]), None if thr is None else float(thr), tuple(names),
                    cal.get("operating_point", "youden"), cal.get("tta", "none"), float(referral.get("band", 0.0)),
-                   None if spread is None else float(spread))
+                   None if spread is None else float(spread), cal.get("task", "single_label"),
+                   None if per_label is None else tuple(float(t) for t in per_label))
 
     def to_calibration(self) -> dict:
-        return {"temperature": self.temperature, "threshold": self.threshold, "class_names": list(self.class_names),
-                "binary": self.binary, "operating_point": self.operating_point, "tta": self.tta,
-                "referral": {"band": self.refer_band, "max_spread": self.refer_spread}}
+        out = {"temperature": self.temperature, "threshold": self.threshold, "class_names": list(self.class_names),
+               "binary": self.binary, "operating_point": self.operating_point, "tta": self.tta,
+               "referral": {"band": self.refer_band, "max_spread": self.refer_spread}}
+        if self.multi_label:  # single-label calibration.json keeps exactly its keys
+            out |= {"task": self.task, "thresholds": list(self.label_thresholds)}
+        return out
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task == "multi_label"
 
     @property
     def binary(self) -> bool:
-        return len(self.class_names) == 2
+        return len(self.class_names) == 2 and not self.multi_label
+
+    @property
+    def label_thresholds(self) -> np.ndarray:
+        """Multi-label: the per-label thresholds (L,)."""
+        return np.asarray(self.thresholds if self.thresholds is not None else [0.5] * len(self.class_names))
 
     def probs(self, logits) -> np.ndarray:
-        """(N, K) calibrated probabilities softmax(logits / T)."""
+        """(N, K) calibrated probabilities softmax(logits / T); multi-label (N, L) sigmoid(logits / T)."""
         z = np.asarray(logits, dtype=np.float64)
         if z.ndim == 1:
             z = z[None]
+        if self.multi_label:
+            from scipy.special import expit
+
+            return expit(z / self.temperature)
         return apply_temperature(z, self.temperature)
 
     def score(self, probs: np.ndarray) -> np.ndarray:
-        """The number a user reads: p(class 1) for binary models, the top class's probability otherwise."""
+        """The number a user reads: p(class 1) for binary models, the top class's (multi-label: the most
+        probable label's) probability otherwise."""
         return probs[:, 1] if self.binary else probs.max(axis=1)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
+        if self.multi_label:
+            return (probs >= self.label_thresholds).astype(int)
         if self.binary and self.threshold is not None:
             return (probs[:, 1] >= self.threshold).astype(int)
         return probs.argmax(axis=1).astype(int)
 
+    def label_margins(self, probs: np.ndarray) -> np.ndarray:
+        """Multi-label: |p(label) - its threshold|, (N, L)."""
+        return np.abs(probs - self.label_thresholds)
+
     def margin(self, probs: np.ndarray) -> np.ndarray:
         """Distance of each case from a different decision: |p - threshold| for binary models with a
-        threshold, half the gap between the two most probable classes otherwise (the same number at 0.5)."""
+        threshold, half the gap between the two most probable classes otherwise (the same number at 0.5);
+        multi-label: the smallest of the labels' |p - threshold|."""
+        if self.multi_label:
+            return self.label_margins(probs).min(axis=1)
         if self.binary and self.threshold is not None:
             return np.abs(probs[:, 1] - self.threshold)
         top = np.sort(probs, axis=1)
@@ -105,17 +138,35 @@ class DecisionRule:
         """The probability column a case's uncertainty is measured on: class 1 (binary), else the decision."""
         return np.ones_like(decisions) if self.binary else decisions
 
+    def uncertainty(self, view_probs: np.ndarray, decisions: np.ndarray) -> np.ndarray:
+        """Per case, the std over views (V, N, K) of the decided column's probability; multi-label: the
+        largest over labels of each label's std. 0 with one view."""
+        from pipeline.core.views import spread
+
+        v = np.asarray(view_probs)
+        if self.multi_label:
+            return v.std(axis=0).max(axis=1) if v.shape[0] > 1 and v.shape[2] else np.zeros(v.shape[1])
+        return spread(v, self.decided_column(decisions))
+
     def refer(self, probs: np.ndarray, spread: np.ndarray) -> np.ndarray:
-        """True where a human should decide: too close to the threshold, or the views disagree."""
+        """True where a human should decide: too close to the threshold (multi-label: any label within the
+        band), or the views disagree."""
         out = self.margin(probs) < self.refer_band
         if self.refer_spread is not None:
             out |= np.asarray(spread) > self.refer_spread
         return out
 
     def rule_text(self) -> str:
+        if self.multi_label:
+            return "each label: p(label) >= its threshold"
         if self.binary and self.threshold is not None:
             return f"p({self.class_names[1]}) >= threshold"
         return "most probable class"
+
+    def explained_label(self, probs: np.ndarray, decisions: np.ndarray) -> int:
+        """Multi-label, one case: the most probable label decided positive, else label 0."""
+        positive = np.flatnonzero(np.asarray(decisions))
+        return int(positive[np.argmax(np.asarray(probs)[positive])]) if len(positive) else 0
 
 
 def explained_class(decision: int, fixed: int | None) -> int:
@@ -149,7 +200,7 @@ class Classifier:
         return self.rule.probs(self.logits(images))
 
     def predict(self, images) -> tuple[np.ndarray, np.ndarray]:
-        """(calibrated probabilities (N, K), decisions (N,))."""
+        """(calibrated probabilities (N, K), decisions (N,); multi-label (N, L))."""
         p = self.probs(images)
         return p, self.rule.decide(p)
 
@@ -158,18 +209,17 @@ class Classifier:
         views = self.views(images)
         probs = self.rule.probs(views.mean(axis=0))
         decisions = self.rule.decide(probs)
-        from pipeline.core.views import spread
-
         view_probs = np.stack([self.rule.probs(v) for v in views])
-        unc = spread(view_probs, self.rule.decided_column(decisions))
+        unc = self.rule.uncertainty(view_probs, decisions)
         return Assessment(probs, decisions, unc, self.rule.refer(probs, unc), len(views))
 
 
 @dataclass(frozen=True)
 class Assessment:
     probs: np.ndarray        # calibrated (N, K)
-    decisions: np.ndarray    # (N,)
-    uncertainty: np.ndarray  # (N,) std of the decided column's probability over views; 0 with one view
+    decisions: np.ndarray    # (N,); multi-label (N, L) 0/1
+    uncertainty: np.ndarray  # (N,) std of the decided column's probability over views (multi-label: the
+    # largest over labels); 0 with one view
     referred: np.ndarray     # (N,) bool
     n_views: int
 

@@ -11,7 +11,8 @@ baseline + `register.min_pointing_margin`; without masks (e.g. MedMNIST) (c) is 
 lesion masks)" and does not fail; (4) not worse than the champion on the same test cases:
 AUROC_candidate >= AUROC_champion - `register.champion_tolerance` (a paired DeLong p-value is reported
 beside it; with small test sets a non-significant p-value is not evidence of equality, so the decision is
-the tolerance rule).
+the tolerance rule). Multi-label models: the macro values over labels (`core.multilabel.summary`) stand
+in for AUROC, its interval and ECE, and the champion comparison uses the macro AUROC (no DeLong test).
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def threshold_reasons(test: dict, cfg: RegisterConfig, sanity: dict | None,
 
 
 def auroc_of_probs(y: np.ndarray, probs: np.ndarray) -> float:
+    if np.asarray(y).ndim == 2:  # multi-label: the macro AUROC over labels (the metric the gate reads)
+        from pipeline.core.multilabel import macro_auroc
+
+        return macro_auroc(y, probs)
     if len(np.unique(y)) < 2:
         return float("nan")
     if probs.shape[1] == 2:
@@ -130,7 +135,7 @@ def compare_with_champion(y: np.ndarray, p_candidate: np.ndarray, p_champion: np
     a, b = auroc_of_probs(y, p_candidate), auroc_of_probs(y, p_champion)
     out = {"n": int(len(y)), "auroc_candidate": a, "auroc_champion": b, "delta": a - b, "tolerance": tolerance,
            "delong_p": None}
-    if p_candidate.shape[1] == 2:
+    if p_candidate.shape[1] == 2 and np.asarray(y).ndim == 1:
         try:
             out["delong_p"] = M.delong_test(y, p_candidate[:, 1], p_champion[:, 1])["p_value"]
         except ValueError:

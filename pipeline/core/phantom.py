@@ -35,7 +35,8 @@ CT_PLANES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float
 
 @dataclass(frozen=True)
 class Phantom:
-    """Torso phantom in world RAS mm; `lesion_centre` is None for label-0 cases."""
+    """Torso phantom in world RAS mm; `lesion_centre` is None for label-0 cases. A second lesion
+    (`second_centre`, the multi-label cohort's co-occurring finding) is None unless asked for."""
 
     centre: tuple[float, float, float]
     body_axes: tuple[float, float, float]
@@ -47,6 +48,9 @@ class Phantom:
     lesion_centre: tuple[float, float, float] | None = None
     lesion_radius: float = 0.0
     lesion_edge_mm: float = 1.5
+    second_centre: tuple[float, float, float] | None = None
+    second_radius: float = 0.0
+    second_edge_mm: float = 1.5
 
 
 def _inside_ellipsoid(p: np.ndarray, centre, axes) -> np.ndarray:
@@ -83,9 +87,22 @@ def lesion_weight(ph: Phantom, pts: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp((d - ph.lesion_radius) / ph.lesion_edge_mm))
 
 
+def second_weight(ph: Phantom, pts: np.ndarray) -> np.ndarray:
+    """`lesion_weight` of the second lesion (0 everywhere when there is none)."""
+    return lesion_weight(_second(ph), pts)
+
+
+def _second(ph: Phantom) -> Phantom:
+    return replace(ph, lesion_centre=ph.second_centre, lesion_radius=ph.second_radius,
+                   lesion_edge_mm=ph.second_edge_mm)
+
+
 def lesion_mask(ph: Phantom, pts: np.ndarray) -> np.ndarray:
-    """Binary lesion mask: points within the nominal radius."""
-    return lesion_distance(ph, pts) <= ph.lesion_radius
+    """Binary lesion mask: points within the nominal radius (of either lesion: their union)."""
+    inside = lesion_distance(ph, pts) <= ph.lesion_radius
+    if ph.second_centre is not None:
+        inside |= lesion_distance(_second(ph), pts) <= ph.second_radius
+    return inside
 
 
 def _sphere_directions(n: int = 64) -> np.ndarray:
@@ -96,9 +113,28 @@ def _sphere_directions(n: int = 64) -> np.ndarray:
     return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], axis=-1)
 
 
+def _place(ph: Phantom, rng: np.random.Generator, radius: float, max_offset_mm: float,
+           away: tuple[tuple[float, float, float], float] | None = None) -> tuple[tuple[float, ...], float]:
+    """(centre, edge) of a lesion in soft tissue; `away` = (centre, radius) of a lesion to keep 4 mm from."""
+    # Rejection sampling: centre within `max_offset_mm` of the origin (survives a centre crop) and a
+    # 4 mm clearance shell that is soft tissue only (no lung, spine, fat or air).
+    probes = _sphere_directions() * (radius + 4.0)
+    for _ in range(10_000):
+        c = rng.uniform(-max_offset_mm, max_offset_mm, 3)
+        if np.linalg.norm(c) > max_offset_mm:
+            continue
+        if away is not None and np.linalg.norm(c - np.asarray(away[0])) < radius + away[1] + 4.0:
+            continue
+        if np.all(phantom_labels(ph, np.vstack([c, c + probes])) == SOFT):
+            edge = float(rng.uniform(1.0, 2.0))
+            return tuple(float(v) for v in c), edge
+    raise RuntimeError("could not place a lesion in soft tissue")  # pragma: no cover
+
+
 def make_phantom(rng: np.random.Generator, lesion_radius: float | None,
-                 max_offset_mm: float = 60.0) -> Phantom:
-    """Draw a patient-specific phantom; place a lesion of `lesion_radius` mm in soft tissue if given."""
+                 max_offset_mm: float = 60.0, second_radius: float | None = None) -> Phantom:
+    """Draw a patient-specific phantom; place a lesion of `lesion_radius` mm in soft tissue if given,
+    and a second one of `second_radius` mm apart from it if given (drawn after the first)."""
     ax, ay, az = np.array([110.0, 85.0, 110.0]) * rng.uniform(0.9, 1.1, 3)
     cx, cy, cz = rng.uniform(-5.0, 5.0, 3)
     lung_y = cy + 0.05 * ay
@@ -114,18 +150,12 @@ def make_phantom(rng: np.random.Generator, lesion_radius: float | None,
     )
     if lesion_radius is None:
         return ph
-    # Rejection sampling: centre within `max_offset_mm` of the origin (survives a centre crop) and a
-    # 4 mm clearance shell that is soft tissue only (no lung, spine, fat or air).
-    probes = _sphere_directions() * (lesion_radius + 4.0)
-    for _ in range(10_000):
-        c = rng.uniform(-max_offset_mm, max_offset_mm, 3)
-        if np.linalg.norm(c) > max_offset_mm:
-            continue
-        if np.all(phantom_labels(ph, np.vstack([c, c + probes])) == SOFT):
-            edge = float(rng.uniform(1.0, 2.0))
-            return replace(ph, lesion_centre=tuple(float(v) for v in c), lesion_radius=float(lesion_radius),
-                           lesion_edge_mm=edge)
-    raise RuntimeError("could not place a lesion in soft tissue")  # pragma: no cover
+    centre, edge = _place(ph, rng, lesion_radius, max_offset_mm)
+    ph = replace(ph, lesion_centre=centre, lesion_radius=float(lesion_radius), lesion_edge_mm=edge)
+    if second_radius is None:
+        return ph
+    centre, edge = _place(ph, rng, second_radius, max_offset_mm, away=(ph.lesion_centre, ph.lesion_radius))
+    return replace(ph, second_centre=centre, second_radius=float(second_radius), second_edge_mm=edge)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -272,14 +302,17 @@ def _smooth_field(u: np.ndarray, linear: np.ndarray, quadratic: np.ndarray, offs
 
 
 def ct_hu_volume(ph: Phantom, geo: CTGeometry, rng: np.random.Generator, lesion_hu: float,
-                 noise_hu: float, drift_hu: float = 0.0) -> np.ndarray:
+                 noise_hu: float, drift_hu: float = 0.0, second_hu: float = 0.0) -> np.ndarray:
     """HU on the CT grid (i, j, k): tissue HU + lesion contrast, partial volume by smoothing, noise.
 
-    `lesion_hu` < 0 makes a hypodense lesion. `drift_hu` > 0 adds a smooth low-frequency HU drift of at
-    most +-drift_hu (cupping-like); its coefficients are drawn only then, after the noise.
+    `lesion_hu` < 0 makes a hypodense lesion; `second_hu` is the second lesion's (if the phantom has one).
+    `drift_hu` > 0 adds a smooth low-frequency HU drift of at most +-drift_hu (cupping-like); its
+    coefficients are drawn only then, after the noise.
     """
     pts = grid_points(geo.affine, geo.shape)
     hu = TISSUE_HU[phantom_labels(ph, pts)] + lesion_hu * lesion_weight(ph, pts)
+    if ph.second_centre is not None:
+        hu = hu + second_hu * second_weight(ph, pts)
     # Light blur stands in for partial volume; wider along k when slices are thicker than their spacing.
     hu = ndimage.gaussian_filter(hu, sigma=(0.5, 0.5, 0.4 * geo.slice_thickness / geo.slice_spacing))
     hu = hu + rng.normal(0.0, noise_hu, hu.shape)
@@ -290,8 +323,13 @@ def ct_hu_volume(ph: Phantom, geo: CTGeometry, rng: np.random.Generator, lesion_
     return hu
 
 
+def _gain(s: np.ndarray, gain: float, weight: np.ndarray) -> np.ndarray:
+    return s * (1.0 + gain * weight) if gain >= 0 else s / (1.0 + -gain * weight)
+
+
 def mr_volume(ph: Phantom, geo: MRGeometry, rng: np.random.Generator, lesion_gain: float,
-              noise: tuple[float, float] = (0.015, 0.05), bias_field: float = 0.3) -> np.ndarray:
+              noise: tuple[float, float] = (0.015, 0.05), bias_field: float = 0.3,
+              second_gain: float = 0.0) -> np.ndarray:
     """T1-like signal on the MR grid with a smooth bias field and Rician noise (relative units).
 
     The lesion multiplies the signal by 1 + gain (hyperintense); a negative gain divides it by
@@ -301,10 +339,9 @@ def mr_volume(ph: Phantom, geo: MRGeometry, rng: np.random.Generator, lesion_gai
     pts = grid_points(geo.affine, geo.shape)
     tissue = TISSUE_T1 * rng.uniform(0.9, 1.1, TISSUE_T1.size)
     s = tissue[phantom_labels(ph, pts)]
-    if lesion_gain >= 0:
-        s = s * (1.0 + lesion_gain * lesion_weight(ph, pts))
-    else:
-        s = s / (1.0 + -lesion_gain * lesion_weight(ph, pts))
+    s = _gain(s, lesion_gain, lesion_weight(ph, pts))
+    if ph.second_centre is not None:  # the second lesion's gain (`second_gain`), the same way
+        s = _gain(s, second_gain, second_weight(ph, pts))
     s = ndimage.gaussian_filter(s, sigma=0.5)
     # Low-order multiplicative bias field over the body, clipped to 1 -+ bias_field (0.7-1.3 by default).
     k = bias_field / 0.3

@@ -115,6 +115,9 @@ class Plan(BaseModel):
     mr: MRNormalization | None = None
     arrays: ArrayNormalization | None = None
     medmnist: MedMNISTOrigin | None = None
+    # multi_label: n_classes independent 0/1 labels per case (a sigmoid each), named by class_names;
+    # index.csv holds each case's vector joined by ';'. single_label: one class index per case (softmax).
+    task: Literal["single_label", "multi_label"] = "single_label"
     n_classes: int
     class_names: list[str]
     counts: dict[str, int] = {}
@@ -125,6 +128,10 @@ class Plan(BaseModel):
     def reads_studies(self) -> bool:
         """True when the model was trained on DICOM/NIfTI studies (False for MedMNIST arrays)."""
         return self.source == "manifest"
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task == "multi_label"
 
     @property
     def modalities(self) -> list[str]:
@@ -198,6 +205,24 @@ def class_names_for(labels: list[int], configured: list[str] | None) -> list[str
     return list(names[:n_classes])
 
 
+def label_names_for(n_labels: int, configured: list[str] | None) -> list[str]:
+    """Multi-label: one configured name per label (in the order of the label vector)."""
+    if configured is None:
+        return [str(i) for i in range(n_labels)]
+    if len(configured) != n_labels:
+        raise PlanError(f"data.class_names has {len(configured)} names but the multi-label manifest's labels have "
+                        f"{n_labels} values each", hint="list one name per label, in order, in data.class_names")
+    return list(configured)
+
+
+def _task_and_names(prepared_ok: list[dict], params: Params) -> tuple[str, list[str]]:
+    vectors = [p["label"] for p in prepared_ok if isinstance(p.get("label"), (list, tuple))]
+    if vectors:
+        return "multi_label", label_names_for(len(vectors[0]), params.data.class_names)
+    labels = sorted({int(p["label"]) for p in prepared_ok if p.get("label") is not None})
+    return "single_label", class_names_for(labels, params.data.class_names)
+
+
 def fit_plan(prepared_ok: list[dict], ct_samples: list[np.ndarray], params: Params) -> Plan:
     """Plan from the `ok` results of the prepare pass (each with `split`, `modality`, `canonical_*`)
     and the foreground voxel samples of the training CT cases (pure: no files are read)."""
@@ -205,8 +230,7 @@ def fit_plan(prepared_ok: list[dict], ct_samples: list[np.ndarray], params: Para
     train = [p for p in prepared_ok if p["split"] == "train"] or prepared_ok
     spacings = np.array([_spacing(p) for p in train]) if train else np.ones((1, 3))
     shapes = np.array([p["canonical_shape"] for p in train]) if train else np.ones((1, 3))
-    labels = sorted({int(p["label"]) for p in prepared_ok if p.get("label") is not None})
-    names = class_names_for(labels, params.data.class_names)
+    task, names = _task_and_names(prepared_ok, params)
     return Plan(
         source="manifest", mode=cfg.mode, layout="C,X,Y,Z" if cfg.mode == "3d" else "S,C,X,Y",
         channels=1 if cfg.mode != "2.5d" else 3, slices_per_case=cfg.slices_per_case,
@@ -225,7 +249,7 @@ def fit_plan(prepared_ok: list[dict], ct_samples: list[np.ndarray], params: Para
             modalities=sorted({p["modality"] for p in train})),
         ct=fit_ct(ct_samples, params),
         mr=MRNormalization(clip_percentiles=list(cfg.mr.clip_percentiles) if cfg.mr.clip_percentiles else None),
-        n_classes=len(names), class_names=names,
+        task=task, n_classes=len(names), class_names=names,
     )
 
 

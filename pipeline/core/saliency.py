@@ -8,7 +8,8 @@ the target layer, ReLU'd). Where MONAI falls short, this module does the rest it
   case is explained on its own, for its own class;
 - target: the class's logit minus the mean logit. Softmax ignores any term shared by all logits,
   so the raw logit's map can show evidence that favours no class; for two classes this is half
-  the log-odds;
+  the log-odds. A multi-label network's labels are independent sigmoids: there the target is the
+  label's own logit (`centered=False`);
 - geometry: its upsampler (`F.interpolate(align_corners=False)`) stretches the coarse map over the
   input as if feature cell i were centred at (i + 0.5) * stride - 0.5; in a ResNet ('same'-padded
   convolutions) cell i is centred on input voxel i * stride: at stride 8 that is 3.5 voxels off.
@@ -43,15 +44,17 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 
 class _Centered(nn.Module):
-    """Logits minus their mean over classes: the part of each class score softmax sees."""
+    """Logits minus their mean over classes: the part of each class score softmax sees (`centered`
+    False: the logits themselves, for independent sigmoids)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, centered: bool = True):
         super().__init__()
         self.net = net
+        self.centered = centered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.net(x)
-        return logits - logits.mean(dim=1, keepdim=True)
+        return logits - logits.mean(dim=1, keepdim=True) if self.centered else logits
 
 
 def _stride(n_in: int, n_feat: int) -> int | None:
@@ -92,13 +95,13 @@ def _shift(x: torch.Tensor, offsets) -> torch.Tensor:
     return x
 
 
-def _cam(model: nn.Module, layer: str, method: str):
+def _cam(model: nn.Module, layer: str, method: str, centered: bool = True):
     from monai.visualize import GradCAM, GradCAMpp
 
     cls = GradCAMpp if method == "gradcampp" else GradCAM
     # MONAI restores the wrapper's training flag onto the whole network after each call: give the wrapper
     # the network's own flag (a fresh module is in training mode, which would leave BatchNorm in it).
-    return cls(nn_module=_Centered(model).train(model.training), target_layers=f"net.{layer}")
+    return cls(nn_module=_Centered(model, centered).train(model.training), target_layers=f"net.{layer}")
 
 
 def resolve_layer(model: nn.Module, target_layer: str) -> str:
@@ -114,14 +117,15 @@ def resolve_layer(model: nn.Module, target_layer: str) -> str:
 
 
 def class_map(model: nn.Module, xb: torch.Tensor, cls: int, method: str = "gradcam", target_layer: str = "layer4",
-              shifts: int = 1) -> np.ndarray:
-    """The map of class `cls` for a batch of one (1, C, *spatial), in the input grid, in [0, 1]."""
+              shifts: int = 1, centered: bool = True) -> np.ndarray:
+    """The map of class `cls` for a batch of one (1, C, *spatial), in the input grid, in [0, 1]
+    (`centered` False for a multi-label network: the label's own logit is explained)."""
     if hasattr(model, "member_logits"):  # a fold ensemble: the mean of its members' maps, each in [0, 1]
-        maps = [class_map(m, xb, cls, method, target_layer, shifts) for m in model.members]
+        maps = [class_map(m, xb, cls, method, target_layer, shifts, centered) for m in model.members]
         return _minmax(np.mean(maps, axis=0))
     if isinstance(model, SliceMIL):
-        return _slice_mil_cam(model, xb, cls, method, resolve_layer(model.backbone, target_layer))
-    cam = _cam(model, resolve_layer(model, target_layer), method)
+        return _slice_mil_cam(model, xb, cls, method, resolve_layer(model.backbone, target_layer), centered)
+    cam = _cam(model, resolve_layer(model, target_layer), method, centered)
 
     def cells(x: torch.Tensor) -> np.ndarray:
         m = cam.compute_map(x, class_idx=cls)[0, 0].detach().cpu().double().numpy()
@@ -151,21 +155,28 @@ class Explanation:
     cam: np.ndarray            # the tensor grid, in [0, 1]
     explained_class: int
     probs: np.ndarray          # calibrated (K,)
-    decision: int
+    decision: int              # multi-label: the decision on the explained label
+    decisions: np.ndarray | None = None  # multi-label: every label's decision (L,)
 
 
 def explain_case(clf: Classifier, x: torch.Tensor, class_index: int | None = None, method: str = "gradcam",
                  target_layer: str = "layer4", shifts: int = 2) -> Explanation:
     """Map of one case `x` (C, *spatial) for the class the calibrated decision chose
-    (or a fixed `class_index`), with the given method and shifted re-runs."""
+    (or a fixed `class_index`), with the given method and shifted re-runs. Multi-label: the most
+    probable label decided present (label 0 when none is), its own logit explained."""
     probs, decision = clf.predict(x.unsqueeze(0))
-    cls = explained_class(int(decision[0]), class_index)
+    multi = clf.rule.multi_label
+    chosen = clf.rule.explained_label(probs[0], decision[0]) if multi else int(decision[0])
+    cls = explained_class(chosen, class_index)
     device = next(clf.model.parameters()).device  # the served model may sit on a GPU, the tensor on the host
-    cam = class_map(clf.model, x.unsqueeze(0).float().to(device), cls, method, target_layer, shifts)
+    cam = class_map(clf.model, x.unsqueeze(0).float().to(device), cls, method, target_layer, shifts, not multi)
+    if multi:
+        return Explanation(cam, cls, probs[0], int(decision[0][cls]), decision[0])
     return Explanation(cam, cls, probs[0], int(decision[0]))
 
 
-def _slice_mil_cam(model: SliceMIL, xb: torch.Tensor, cls: int, method: str, target_layer: str) -> np.ndarray:
+def _slice_mil_cam(model: SliceMIL, xb: torch.Tensor, cls: int, method: str, target_layer: str,
+                   centered: bool = True) -> np.ndarray:
     """Grad-CAM of the bag's centred class score w.r.t. the 2D backbone's layer, slice by slice
     (MONAI's CAM classes explain the network they wrap; here the layer runs once per slice)."""
     layer = dict(model.backbone.named_modules())[target_layer]
@@ -175,7 +186,7 @@ def _slice_mil_cam(model: SliceMIL, xb: torch.Tensor, cls: int, method: str, tar
     try:
         model.zero_grad(set_to_none=True)
         logits = model(xb.requires_grad_(True))[0]
-        (logits[cls] - logits.mean()).backward()
+        (logits[cls] - logits.mean() if centered else logits[cls]).backward()
     finally:
         h1.remove()
         h2.remove()

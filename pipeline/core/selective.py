@@ -12,12 +12,16 @@ import numpy as np
 
 from pipeline.config import EvaluateConfig
 from pipeline.core import metrics as M
+from pipeline.core import multilabel
 from pipeline.core.classifier import DecisionRule
 
 
 def fit_rule(logits: np.ndarray, y: np.ndarray, class_names: tuple[str, ...], cfg: EvaluateConfig) -> DecisionRule:
     """Temperature (NLL on the held-out logits) and, for binary models, the threshold of
-    `evaluate.operating_point` on the calibrated held-out probabilities; TTA and referral recorded."""
+    `evaluate.operating_point` on the calibrated held-out probabilities; TTA and referral recorded.
+    Multi-label labels (N, L): one shared temperature and a threshold per label (`core.multilabel`)."""
+    if np.asarray(y).ndim == 2:
+        return multilabel.fit_rule(logits, y, class_names, cfg)
     temperature = M.fit_temperature(logits, y)
     threshold = None
     if logits.shape[1] == 2:
@@ -32,7 +36,10 @@ def fit_rule(logits: np.ndarray, y: np.ndarray, class_names: tuple[str, ...], cf
 
 
 def discrimination(y: np.ndarray, probs: np.ndarray) -> float:
-    """Binary AUROC of class 1, or macro one-vs-rest; NaN with one class present."""
+    """Binary AUROC of class 1, or macro one-vs-rest; NaN with one class present. Multi-label (N, L):
+    the macro AUROC over the labels with both classes present."""
+    if np.asarray(y).ndim == 2:
+        return multilabel.macro_auroc(y, probs)
     if len(np.unique(y)) < 2:
         return float("nan")
     if probs.shape[1] == 2:
@@ -49,7 +56,8 @@ def certainty_order(uncertainty: np.ndarray, margin: np.ndarray) -> np.ndarray:
 
 def selective_curve(y: np.ndarray, probs: np.ndarray, decisions: np.ndarray, uncertainty: np.ndarray,
                     margin: np.ndarray, steps: int = 20) -> list[dict]:
-    """(coverage, n, AUROC, error rate) keeping the most certain cases, at coverage 1/steps ... 1."""
+    """(coverage, n, AUROC, error rate) keeping the most certain cases, at coverage 1/steps ... 1.
+    Multi-label: macro AUROC, and the error rate over every (case, label) decision (Hamming)."""
     order = certainty_order(uncertainty, margin)
     n = len(y)
     rows = []
@@ -64,7 +72,8 @@ def selective_curve(y: np.ndarray, probs: np.ndarray, decisions: np.ndarray, unc
 
 
 def referral_summary(y: np.ndarray, probs: np.ndarray, decisions: np.ndarray, referred: np.ndarray) -> dict:
-    """How many cases go to a human, and how the automatic decisions fare on the rest."""
+    """How many cases go to a human, and how the automatic decisions fare on the rest (multi-label:
+    error rates over every (case, label) decision)."""
     auto = ~np.asarray(referred, dtype=bool)
     out = {"n": int(len(y)), "n_referred": int((~auto).sum()),
            "referral_rate": round(float((~auto).mean()), 4) if len(y) else None,

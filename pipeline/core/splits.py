@@ -1,9 +1,23 @@
-"""Patient-level train/val/test split, stratified by label: no patient in two splits."""
+"""Patient-level train/val/test split, stratified by label: no patient in two splits.
+
+Multi-label cases (a 0/1 vector each) are stratified on their label combination: every distinct
+vector is one stratum (e.g. 4 strata for two findings), so co-occurrence is balanced too.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
+
+
+def strata(labels) -> np.ndarray:
+    """The stratification target: the labels themselves (single-label), or per case the index of its
+    label combination (multi-label: a sequence of 0/1 per case)."""
+    y = np.asarray(labels)
+    if y.ndim != 2:
+        return y
+    _, codes = np.unique(y, axis=0, return_inverse=True)
+    return codes.reshape(-1)
 
 
 def assign_splits(patients: list[str], labels: list[int], val_fraction: float, test_fraction: float,
@@ -18,7 +32,7 @@ def assign_splits(patients: list[str], labels: list[int], val_fraction: float, t
     if n == 0:
         return []
     groups = np.asarray(patients)
-    y = np.asarray(labels)
+    y = strata(labels)
     idx = np.arange(n)
     for name, frac, pool_frac in (("test", test_fraction, 1.0), ("val", val_fraction, 1.0 - test_fraction)):
         pool = idx[out == "train"]
@@ -46,10 +60,11 @@ def _groups_fallback(groups: np.ndarray, fraction: float, seed: int) -> np.ndarr
 
 def assign_folds(patients: list[str], labels: list[int], k: int, seed: int) -> np.ndarray:
     """Fold index 0..k-1 per case for K-fold cross-validation: patient-level (a patient's cases share
-    a fold) and label-stratified (scikit-learn's StratifiedGroupKFold); unstratified whole-patient
+    a fold) and label-stratified (scikit-learn's StratifiedGroupKFold; multi-label: on the label
+    combination, `strata`); unstratified whole-patient
     folds when a class has too few patients to stratify."""
     n = len(patients)
-    groups, y = np.asarray(patients), np.asarray(labels)
+    groups, y = np.asarray(patients), strata(labels)
     folds = np.zeros(n, dtype=int)
     n_groups = len(set(patients))
     if k > n_groups:

@@ -1,5 +1,10 @@
 """Training helpers (pure functions of their arguments): seeding, optimizer and schedule, the
-sample order of an epoch on each rank, and the validation AUROC that selects the best epoch."""
+loss, the sample order of an epoch on each rank, and the validation AUROC that selects the best epoch.
+
+Multi-label (labels (N, L) 0/1): BCE with logits, one sigmoid per label, `pos_weight` = negatives /
+positives of each label in the training cases when `train.imbalance` is weights; the class-balanced
+sampler is single-label only. The validation score is the macro AUROC over labels (NaN-safe).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import torch
 from torch import nn
 
 from pipeline.config import Params
-from pipeline.core.augment import epoch_order
+from pipeline.core.augment import class_weights, epoch_order
+from pipeline.errors import ConfigError
 
 
 def seed_everything(seed: int) -> None:
@@ -33,11 +39,48 @@ def make_optimizer(params: Params, model: nn.Module, steps_per_epoch: int):
     return opt, sched
 
 
+def positive_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Multi-label `pos_weight`: negatives / positives per label (1 where a label has no positive)."""
+    y = labels.float()
+    pos = y.sum(dim=0)
+    return torch.where(pos > 0, (len(y) - pos) / pos.clamp(min=1), torch.ones_like(pos))
+
+
+def make_criterion(labels: torch.Tensor, n_classes: int, imbalance: str, multi_label: bool, device):
+    """The training loss: cross-entropy (weighted by inverse class frequency with `weights`), or for
+    multi-label BCE with logits (`pos_weight` per label with `weights`); called as loss(logits, labels)."""
+    if not multi_label:
+        weights = class_weights(labels.cpu(), n_classes).to(device) if imbalance == "weights" else None
+        return nn.CrossEntropyLoss(weight=weights)
+    check_imbalance(imbalance, multi_label)
+    pos_weight = positive_weights(labels.cpu()).to(device) if imbalance == "weights" else None
+    bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    return lambda logits, y: bce(logits, y.float())
+
+
+def check_imbalance(imbalance: str, multi_label: bool) -> None:
+    if multi_label and imbalance == "sampler":
+        raise ConfigError("train.imbalance=sampler draws cases by their class, which a multi-label case does not "
+                          "have; use weights (BCE pos_weight per label) or none for a multi-label task")
+
+
+def val_loss_of(labels: torch.Tensor, logits: torch.Tensor, multi_label: bool) -> float:
+    """Unweighted validation loss: cross-entropy, or BCE with logits for multi-label."""
+    if multi_label:
+        return float(nn.functional.binary_cross_entropy_with_logits(logits, labels.float()))
+    return float(nn.functional.cross_entropy(logits, labels))
+
+
 def auroc_of(labels: torch.Tensor, logits: torch.Tensor) -> float:
-    """Binary AUROC of class 1, or macro one-vs-rest for several classes; NaN if one class only."""
+    """Binary AUROC of class 1, or macro one-vs-rest for several classes; NaN if one class only.
+    Multi-label labels (N, L): the macro AUROC of the sigmoids over labels with both classes (NaN if none)."""
     from sklearn.metrics import roc_auc_score
 
     y = labels.numpy()
+    if y.ndim == 2:
+        from pipeline.core.multilabel import macro_auroc
+
+        return macro_auroc(y, torch.sigmoid(logits).numpy()) if len(y) else float("nan")
     if len(np.unique(y)) < 2:
         return float("nan")
     probs = torch.softmax(logits, dim=1).numpy()

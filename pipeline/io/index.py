@@ -17,6 +17,26 @@ INDEX_COLUMNS = [
     "source_format", "manufacturer", "native_shape", "native_spacing", "tensor", "tensor_shape", "source_hash",
 ]
 SPLITS_COLUMNS = ["case_id", "patient_id", "label", "split"]
+# Multi-label cases keep one `label` column: their 0/1 label vector joined by this, e.g. "1;0".
+LABEL_SEPARATOR = ";"
+
+
+def label_text(label) -> str:
+    """The `label` cell of a case: "" (none), the class index, or a multi-label vector joined by ';'."""
+    if label is None:
+        return ""
+    if isinstance(label, (list, tuple)):
+        return LABEL_SEPARATOR.join(str(int(v)) for v in label)
+    return str(label)
+
+
+def is_multi_label(text: str) -> bool:
+    return LABEL_SEPARATOR in str(text)
+
+
+def label_vector(text: str) -> list[int]:
+    """The 0/1 vector of a multi-label cell ("1;0" -> [1, 0])."""
+    return [int(v) for v in str(text).split(LABEL_SEPARATOR)]
 
 
 @dataclass
@@ -43,7 +63,8 @@ def read_index(ingest_dir: Path | str) -> list[dict]:
 
 def write_splits(path: Path, rows: list[dict]) -> None:
     """The split of every valid row, for review and reuse (put it in the manifest's `split` to pin it)."""
-    save_csv(path, SPLITS_COLUMNS, ([r[c] for c in SPLITS_COLUMNS] for r in rows))
+    save_csv(path, SPLITS_COLUMNS, ([label_text(r[c]) if c == "label" else r[c] for c in SPLITS_COLUMNS]
+                                    for r in rows))
 
 
 def remove_stale(folder: Path, keep: set[str], suffixes: tuple[str, ...] = (".npy", ".json"),

@@ -98,6 +98,10 @@ class CasePlan:
     mr_noise: tuple[float, float] = (0.015, 0.05)
     mr_bias_field: float = 0.3
     ct_drift_hu: float = 0.0
+    # synthesize.task two_findings: the 0/1 label vector, and the co-occurring second lesion (radius 0: none).
+    findings: tuple[int, ...] = ()
+    second_radius: float = 0.0
+    second_contrast: float = 0.0
 
 
 def _uid(seed: int, *parts: object) -> str:
@@ -200,13 +204,21 @@ def _dicom_name(sop_uid: str, with_ext: bool) -> str:
     return "IM_" + hashlib.sha1(sop_uid.encode()).hexdigest()[:8].upper() + (".dcm" if with_ext else "")
 
 
+def _second_lesion(plan: CasePlan, digits: int) -> dict:
+    """truth.json fields of the second lesion (none unless the study has one)."""
+    if not plan.second_radius:
+        return {}
+    return {"second_lesion_radius_mm": plan.second_radius, "second_lesion_contrast": round(plan.second_contrast,
+                                                                                            digits)}
+
+
 def write_ct_study(plan: CasePlan, ph: Phantom, seed: int, rng: np.random.Generator, study_dir: Path) -> dict:
     """Write one CT study into `study_dir` (series in dicom/, mask.nii.gz); return its truth.json geometry."""
     geo = make_ct_geometry(rng)
     encoding = CT_ENCODINGS[int(rng.integers(len(CT_ENCODINGS)))]
     lesion_hu = plan.lesion_contrast
     hu = ct_hu_volume(ph, geo, rng, lesion_hu, noise_hu=float(rng.uniform(*plan.ct_noise_hu)),
-                      drift_hu=plan.ct_drift_hu)
+                      drift_hu=plan.ct_drift_hu, second_hu=plan.second_contrast)
     stored = hu_to_stored(hu, *encoding)
     base = _ct_series_dataset(plan, seed, rng)
     with_ext = bool(rng.random() < 0.5)
@@ -229,7 +241,7 @@ def write_ct_study(plan: CasePlan, ph: Phantom, seed: int, rng: np.random.Genera
 
     mask = lesion_mask(ph, grid_points(geo.affine, geo.shape)).astype(np.uint8)
     _save_nifti(mask, geo.affine, study_dir / "mask.nii.gz", code=1)
-    return {
+    return _second_lesion(plan, 2) | {
         "plane": geo.plane,
         "slice_order": "descending" if geo.descending else "ascending",
         "spacing": [geo.pixel_spacing[1], geo.pixel_spacing[0], geo.slice_spacing],
@@ -273,7 +285,7 @@ def write_mr_study(plan: CasePlan, ph: Phantom, rng: np.random.Generator, study_
     geo = make_mr_geometry(rng)
     lesion_gain = plan.lesion_contrast
     scale = float(10 ** rng.uniform(1.0, np.log10(3000.0)))
-    signal = mr_volume(ph, geo, rng, lesion_gain, plan.mr_noise, plan.mr_bias_field) * scale
+    signal = mr_volume(ph, geo, rng, lesion_gain, plan.mr_noise, plan.mr_bias_field, plan.second_contrast) * scale
     as_int = bool(rng.random() < 0.5)
     data = np.clip(np.rint(signal), 0, 32767).astype(np.int16) if as_int else signal.astype(np.float32)
     code = int(rng.choice([1, 2]))
@@ -281,7 +293,7 @@ def write_mr_study(plan: CasePlan, ph: Phantom, rng: np.random.Generator, study_
     _save_nifti(data, geo.affine, study_dir / "image.nii.gz", code=code)
     mask = lesion_mask(ph, grid_points(geo.affine, geo.shape)).astype(np.uint8)
     _save_nifti(mask, geo.affine, study_dir / "mask.nii.gz", code=code)
-    return {
+    return _second_lesion(plan, 4) | {
         "orientation": "".join(nib.aff2axcodes(geo.affine)),
         "axis_permutation": list(geo.perm),
         "flipped_axes": [a for a in range(3) if geo.flips[a]],

@@ -15,14 +15,16 @@ import numpy as np
 import torch
 
 from pipeline.core.plan import Plan, load_plan
-from pipeline.errors import MissingInput
-from pipeline.io.index import read_index
+from pipeline.errors import MissingInput, PlanError
+from pipeline.io.index import is_multi_label, label_vector, read_index
 from pipeline.layout import IngestDir
 
 
 @dataclass
 class CaseSet:
-    """The ok cases of one split: ids, labels, and their tensors stacked (N, C, *spatial)."""
+    """The ok cases of one split: ids, labels, and their tensors stacked (N, C, *spatial).
+
+    `labels` is (N,) long class indices (single-label) or (N, L) long 0/1 (multi-label)."""
 
     case_ids: list[str]
     patient_ids: list[str]
@@ -63,9 +65,24 @@ def load_split(ingest_dir: Path | str, split: str, pin: bool = False) -> CaseSet
         images = torch.zeros((0,))
     if pin and torch.cuda.is_available():
         images = images.pin_memory()
-    labels = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
+    labels = _labels(ingest_dir, rows)
     meta = [{k: r.get(k, "") for k in ("modality", "manufacturer")} for r in rows]
     return CaseSet([r["case_id"] for r in rows], [r["patient_id"] for r in rows], labels, images, meta)
+
+
+def _labels(ingest_dir: Path, rows: list[dict]) -> torch.Tensor:
+    """(N,) class indices, or (N, L) 0/1 for multi-label cells ("1;0"); an empty split of a multi-label
+    plan is (0, L)."""
+    if any(is_multi_label(r["label"]) for r in rows):
+        return torch.tensor([label_vector(r["label"]) for r in rows], dtype=torch.long)
+    if not rows and IngestDir(ingest_dir).plan.exists():
+        try:
+            plan = load_plan(IngestDir(ingest_dir).plan)
+        except PlanError:
+            plan = None
+        if plan is not None and plan.multi_label:
+            return torch.zeros((0, plan.n_classes), dtype=torch.long)
+    return torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
 
 
 def to_device_if_fits(cases: CaseSet, device: torch.device, fraction: float = 0.25) -> CaseSet:

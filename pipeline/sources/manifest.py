@@ -3,17 +3,24 @@
 Required columns: case_id, patient_id, modality (CT or MR), path, label.
 Optional: split (train/val/test), series_uid (pick one series in a folder), mask_path.
 Relative paths resolve against the manifest file's own folder.
+
+`label` is a class index (single-label), or for a multi-label manifest the 0/1 value of every
+label joined by ';' ("1;0": the first label present, the second absent; `data.class_names` names
+the labels in this order). A manifest holding any ';' label is multi-label: then every row needs a
+vector of the same length, and a row that has none (or a value other than 0/1) is rejected with why.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.core.splits import assign_splits
 from pipeline.errors import ManifestError
+from pipeline.io.index import LABEL_SEPARATOR
 
 REQUIRED = ("case_id", "patient_id", "modality", "path", "label")
 OPTIONAL = ("split", "series_uid", "mask_path")
@@ -28,7 +35,7 @@ class CaseRow:
     patient_id: str
     modality: str
     path: Path
-    label: int | None
+    label: int | tuple[int, ...] | None  # a tuple of 0/1 per label in a multi-label manifest
     split: str = ""
     series_uid: str = ""
     mask_path: Path | None = None
@@ -38,6 +45,38 @@ class CaseRow:
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
+
+
+def _parse_label(text: str) -> tuple[int | tuple[int, ...] | None, str]:
+    """(label, problem): a class index, or a ';'-joined 0/1 vector (multi-label)."""
+    if LABEL_SEPARATOR not in text:
+        try:
+            return int(float(text)), ""
+        except ValueError:
+            return None, f"label {text!r} is not an integer class index"
+    parts = [p.strip() for p in text.split(LABEL_SEPARATOR)]
+    if any(p not in ("0", "1") for p in parts):
+        return None, (f"label {text!r}: a multi-label value must be 0 or 1 per label, joined by ';' "
+                      "(e.g. '1;0')")
+    return tuple(int(p) for p in parts), ""
+
+
+def _check_label_vectors(rows: list[CaseRow]) -> list[CaseRow]:
+    """In a multi-label manifest, every row needs a vector of the most common length."""
+    lengths = Counter(len(r.label) for r in rows if isinstance(r.label, tuple) and not r.problem)
+    if not lengths:
+        return rows
+    n = lengths.most_common(1)[0][0]
+    out = []
+    for r in rows:
+        if not r.problem and not isinstance(r.label, tuple):
+            r = replace(r, problem=f"label {r.label!r} is one class index, but this manifest is multi-label: "
+                                   f"give {n} 0/1 values joined by ';' (e.g. {';'.join(['0'] * n)!r})")
+        elif not r.problem and len(r.label) != n:
+            r = replace(r, problem=f"label {LABEL_SEPARATOR.join(map(str, r.label))!r} has {len(r.label)} values; "
+                                   f"the other rows of this multi-label manifest have {n}")
+        out.append(r)
+    return out
 
 
 def read_manifest(path: Path | str) -> list[CaseRow]:
@@ -60,11 +99,7 @@ def read_manifest(path: Path | str) -> list[CaseRow]:
         problem = ""
         case_id = r["case_id"] or f"row{n}"
         modality = _MODALITY_ALIASES.get(r["modality"].upper(), "")
-        label: int | None = None
-        try:
-            label = int(float(r["label"]))
-        except ValueError:
-            problem = f"label {r['label']!r} is not an integer class index"
+        label, problem = _parse_label(r["label"])
         if not r["case_id"]:
             problem = f"manifest line {n}: empty case_id"
         elif case_id in seen:
@@ -86,7 +121,7 @@ def read_manifest(path: Path | str) -> list[CaseRow]:
             mask_path=_resolve(base, r["mask_path"]) if r.get("mask_path") else None,
             problem=problem,
         ))
-    return rows
+    return _check_label_vectors(rows)
 
 
 def split_rows(rows: list[CaseRow], params: Params) -> list[CaseRow]:

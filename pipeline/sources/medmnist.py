@@ -21,7 +21,9 @@ Where the file comes from (``data.medmnist``):
 
 Normalization: scale by 1/255, then a per-channel z-score whose mean/std are fitted on the
 train split only. The official splits are kept; MedMNIST has no patient ids, so
-``patient_id`` is the case_id. Tensors are rewritten only when the file's md5, the flag,
+``patient_id`` is the case_id. Multi-label flags (chestmnist: 14 findings) keep their (N, L)
+0/1 labels: index.csv's ``label`` is the vector joined by ';' and plan.json says ``task:
+multi_label``, ``class_names`` the label names. Tensors are rewritten only when the file's md5, the flag,
 the size or this reader's version change (``tensors/.key``).
 
 The medmnist package is used only for its ``INFO`` table, loaded from ``medmnist/info.py``
@@ -47,7 +49,7 @@ from pipeline.config import MedMNISTConfig, Params
 from pipeline.core.plan import PLAN_VERSION, ArrayNormalization, Fingerprint, MedMNISTOrigin, Plan
 from pipeline.errors import IngestFailed
 from pipeline.io.artifacts import save_json, save_npy
-from pipeline.io.index import IngestSummary, remove_stale, write_index, write_splits
+from pipeline.io.index import IngestSummary, label_text, remove_stale, write_index, write_splits
 from pipeline.layout import IngestDir
 
 READER_VERSION = "1"  # bump when tensors would come out differently, to invalidate tensors/.key
@@ -102,11 +104,12 @@ def flag_info(flag: str) -> dict:
     info = medmnist_info()
     if flag not in info:
         raise MedMNISTError(f"unknown MedMNIST flag {flag!r} (data.medmnist.flag); known: {', '.join(sorted(info))}")
-    task = info[flag]["task"]
-    if "multi-label" in task:
-        raise MedMNISTError(f"{flag} is a {task} task: multi-label tasks are not supported by the "
-                            "single-label classifier; pick a single-label flag")
     return info[flag]
+
+
+def is_multi_label(info: dict) -> bool:
+    """A multi-label flag (e.g. chestmnist): labels (N, L) of 0/1, one sigmoid per label."""
+    return "multi-label" in info["task"]
 
 
 def is_3d(flag: str) -> bool:
@@ -168,15 +171,23 @@ def md5_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _labels(npz, split: str, n_classes: int, name: str) -> np.ndarray:
+def _labels(npz, split: str, n_classes: int, name: str, multi: bool = False) -> np.ndarray:
+    """(N,) class indices, or (N, L) 0/1 for a multi-label flag."""
     key = f"{split}_labels"
     if key not in npz.files:
         raise MedMNISTError(f"{name}: key {key!r} missing; an official MedMNIST file has "
                             f"{', '.join(f'{s}_images, {s}_labels' for s in SPLITS)}")
     raw = np.asarray(npz[key])
+    if multi:
+        if raw.ndim != 2 or raw.shape[1] != n_classes or (raw.size and not np.issubdtype(raw.dtype, np.integer)):
+            raise MedMNISTError(f"{name}: {key} has shape {raw.shape} ({raw.dtype}); this multi-label flag needs "
+                                f"(N, {n_classes}) integer 0/1 labels")
+        if raw.size and not np.isin(raw, (0, 1)).all():
+            raise MedMNISTError(f"{name}: {key} holds values {np.unique(raw).tolist()}; multi-label needs 0/1")
+        return raw.astype(np.int64)
     if raw.ndim == 2 and raw.shape[1] != 1:
-        raise MedMNISTError(f"{name}: {key} has {raw.shape[1]} labels per image (multi-label); "
-                            "multi-label tasks are not supported by the single-label classifier")
+        raise MedMNISTError(f"{name}: {key} has {raw.shape[1]} labels per image (multi-label), but this flag is a "
+                            "single-label task")
     labels = raw.reshape(-1)
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
         raise MedMNISTError(f"{name}: {key} are {labels.dtype}, expected integer class labels")
@@ -242,9 +253,9 @@ def _progress(show: bool) -> Progress:
 def run_medmnist(params: Params, out_dir: Path | None = None, progress: bool = True) -> IngestSummary:
     """MedMNIST .npz -> OUT/index.csv, OUT/plan.json, OUT/summary.json, OUT/tensors/<case_id>.npy.
 
-    Raises `MedMNISTError` (an `IngestFailed`) for a missing or malformed file, an unknown
-    flag or a multi-label task; warns (`MedMNISTCountWarning`) when split sizes differ from
-    the official ones.
+    Raises `MedMNISTError` (an `IngestFailed`) for a missing or malformed file or an unknown flag;
+    warns (`MedMNISTCountWarning`) when split sizes differ from the official ones. Multi-label flags
+    (chestmnist): (N, L) 0/1 labels, ';'-joined in index.csv, plan task multi_label.
     """
     t0 = time.perf_counter()
     cfg = params.data.medmnist
@@ -259,7 +270,8 @@ def run_medmnist(params: Params, out_dir: Path | None = None, progress: bool = T
     md5 = md5_file(path)
 
     with np.load(path, allow_pickle=False) as npz:
-        labels = {s: _labels(npz, s, len(class_names), path.name) for s in SPLITS}
+        multi = is_multi_label(info)
+        labels = {s: _labels(npz, s, len(class_names), path.name, multi) for s in SPLITS}
         counts = {s: int(len(v)) for s, v in labels.items()}
         notes = []
         for s in SPLITS:
@@ -288,7 +300,8 @@ def run_medmnist(params: Params, out_dir: Path | None = None, progress: bool = T
     channels, spatial = geometry["channels"], geometry["shape"]
     tensor_shape = "x".join(map(str, [channels, *spatial]))
     records = [{
-        "case_id": c, "patient_id": c, "split": s, "label": int(labels[s][i]), "modality": flag, "status": "ok",
+        "case_id": c, "patient_id": c, "split": s, "label": label_text(labels[s][i].tolist()) if multi else
+        int(labels[s][i]), "modality": flag, "status": "ok",
         "reason_code": "", "reason": "", "source_format": "medmnist", "manufacturer": "",
         "native_shape": "x".join(map(str, spatial)), "native_spacing": "", "tensor": f"tensors/{c}.npy",
         "tensor_shape": tensor_shape, "source_hash": md5,
@@ -301,7 +314,7 @@ def run_medmnist(params: Params, out_dir: Path | None = None, progress: bool = T
         arrays=ArrayNormalization(scale=SCALE, mean=geometry["mean"], std=geometry["std"]),
         medmnist=MedMNISTOrigin(flag=flag, size=size, task=info["task"], file=path.name, file_md5=md5,
                                 license=info.get("license", ""), official_counts=dict(info["n_samples"])),
-        n_classes=len(class_names), class_names=class_names,
+        task="multi_label" if multi else "single_label", n_classes=len(class_names), class_names=class_names,
         counts={f"{s}/ok": counts[s] for s in SPLITS}, warnings=notes,
     )
     save_json(IngestDir(out).plan, plan.to_json())

@@ -7,12 +7,16 @@ the mean logits over every view (fold members x `evaluate.tta` transforms); the 
 each case's uncertainty. Outputs: reports/metrics.json (DVC metrics), reports/predictions.csv,
 reports/calibration.json (temperature, threshold, TTA and referral: the rule registered with the
 model), DVC plot tables under reports/plots/ (selective_test.csv: risk-coverage) and PNG figures.
+Multi-label models (labels (N, L), `pipeline.core.multilabel`): per-label metrics under `per_label`, their
+macro means under the single-label keys, one shared temperature, a threshold per label, predictions.csv
+with p_<label> and decision_<label> columns, and the ROC/PR/confusion tables pooled over (case, label).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.core import metrics as M
+from pipeline.core import multilabel as ML
 from pipeline.core.classifier import DecisionRule, resolve_device
 from pipeline.core.selective import discrimination, fit_rule, referral_summary, selective_curve
 from pipeline.core.views import members_of, spread, view_logits
@@ -36,8 +41,16 @@ def _r(x: float, nd: int = 4):
 
 
 def split_metrics(y: np.ndarray, logits: np.ndarray, temperature: float, threshold: float | None,
-                  n_boot: int, seed: int) -> dict:
-    """Every metric of one split: discrimination, operating point, calibration before/after scaling."""
+                  n_boot: int, seed: int, names=None) -> dict:
+    """Every metric of one split: discrimination, operating point, calibration before/after scaling.
+    Multi-label (y (N, L), `threshold` one per label): each label's binary metrics under `per_label`
+    (by name), and their macro summary (`core.multilabel.summary`)."""
+    if y.ndim == 2:
+        names = list(names or [str(k) for k in range(y.shape[1])])
+        per_label = {n: split_metrics(y[:, k], ML.as_binary_logits(logits[:, k]), temperature,
+                                      None if threshold is None else float(threshold[k]), n_boot, seed)
+                     for k, n in enumerate(names)}
+        return ML.summary(y, logits, temperature, per_label, n_boot, seed)
     raw = M.apply_temperature(logits, 1.0)
     cal = M.apply_temperature(logits, temperature)
     out: dict = {"n": int(len(y)), "n_positive": int((y == 1).sum()) if raw.shape[1] == 2 else None}
@@ -81,7 +94,7 @@ def split_metrics(y: np.ndarray, logits: np.ndarray, temperature: float, thresho
 
 
 def subgroup_metrics(cases: CaseSet, y: np.ndarray, logits: np.ndarray, temperature: float, threshold,
-                     min_cases: int, seed: int) -> dict:
+                     min_cases: int, seed: int, names=None) -> dict:
     """Per modality and per manufacturer; 'too few cases' below `min_cases` or with one class."""
     out: dict = {}
     for key in ("modality", "manufacturer"):
@@ -92,7 +105,8 @@ def subgroup_metrics(cases: CaseSet, y: np.ndarray, logits: np.ndarray, temperat
             if sel.sum() < min_cases or len(np.unique(y[sel])) < 2:
                 groups[v] = {"n": int(sel.sum()), "result": "too few cases"}
             else:
-                groups[v] = split_metrics(y[sel], logits[sel], temperature, threshold, n_boot=200, seed=seed)
+                groups[v] = split_metrics(y[sel], logits[sel], temperature, threshold, n_boot=200, seed=seed,
+                                          names=names)
         out[key] = groups
     return out
 
@@ -139,6 +153,9 @@ def _assess(rule: DecisionRule, views: np.ndarray) -> tuple[np.ndarray, ...]:
     """(uncalibrated probs, calibrated probs, decisions, uncertainty, referred) from (V, n, K) view logits."""
     probs = rule.probs(views.mean(axis=0))
     decisions = rule.decide(probs)
+    if rule.multi_label:
+        unc = rule.uncertainty(np.stack([rule.probs(v) for v in views]), decisions)
+        return ML.sigmoid(views.mean(axis=0)), probs, decisions, unc, rule.refer(probs, unc)
     unc = spread(np.stack([rule.probs(v) for v in views]), rule.decided_column(decisions))
     return M.apply_temperature(views.mean(axis=0), 1.0), probs, decisions, unc, rule.refer(probs, unc)
 
@@ -164,16 +181,22 @@ def run_evaluate(params: Params, models_dir: Path | str | None = None, ingest_di
 
     rule = fit_rule(held.views.mean(axis=0), y_held, names, cfg)
     test_logits = tv.mean(axis=(0, 1))
-    T, thr = rule.temperature, rule.threshold
-    result = {held_name: split_metrics(y_held, held.views.mean(axis=0), T, thr, cfg.n_bootstrap, params.seed),
-              "test": split_metrics(y_test, test_logits, T, thr, cfg.n_bootstrap, params.seed)}
-    result["calibration"] = {"temperature": _r(T, 6), "threshold": _r(thr, 6), "operating_point": cfg.operating_point,
+    T, thr = rule.temperature, (rule.label_thresholds if rule.multi_label else rule.threshold)
+    result = {held_name: split_metrics(y_held, held.views.mean(axis=0), T, thr, cfg.n_bootstrap, params.seed, names),
+              "test": split_metrics(y_test, test_logits, T, thr, cfg.n_bootstrap, params.seed, names)}
+    result["calibration"] = {"temperature": _r(T, 6), "threshold": _r(rule.threshold, 6),
+                             "operating_point": cfg.operating_point,
                              "fitted_on": "val" if n_members == 1 else f"out-of-fold ({n_members} folds)",
                              "n_fitted": int(len(y_held)), "tta": cfg.tta}
+    if rule.multi_label:
+        result["calibration"] |= {"task": "multi_label", "thresholds": {n: _r(t, 6) for n, t in zip(names, thr)},
+                                  "temperature_fit": "one temperature shared by all labels: BCE (NLL) of every "
+                                                     "held-out (case, label) pair"}
     if cfg.tta != "none":  # the same pipeline without test-time views: rule refitted on held-out identity views
         plain = fit_rule(held.views[0], y_held, names, cfg.model_copy(update={"tta": "none"}))
-        no_tta = split_metrics(y_test, tv[0].mean(axis=0), plain.temperature, plain.threshold, cfg.n_bootstrap,
-                               params.seed)
+        no_tta = split_metrics(y_test, tv[0].mean(axis=0), plain.temperature,
+                               plain.label_thresholds if plain.multi_label else plain.threshold, cfg.n_bootstrap,
+                               params.seed, names)
         result["tta_effect"] = {"tta": cfg.tta, "n_views": int(tv.shape[0]), **{
             f"{k}_{tag}": m.get(k) for tag, m in (("without", no_tta), ("with", result["test"]))
             for k in ("auroc", "ece", "ece_calibrated", "brier_calibrated")}}
@@ -191,14 +214,19 @@ def run_evaluate(params: Params, models_dir: Path | str | None = None, ingest_di
                      **referral_summary(y_test, probs_t, dec_t, ref_t)}}
     curve = selective_curve(y_test, probs_t, dec_t, unc_t, rule.margin(probs_t))
     result["subgroups"] = {"test": subgroup_metrics(test, y_test, test_logits, T, thr, cfg.min_subgroup_cases,
-                                                    params.seed)}
+                                                    params.seed, names)}
     out.mkdir(parents=True, exist_ok=True)
     save_json(ReportDir(out).metrics, result)
     save_json(ReportDir(out).calibration, rule.to_calibration())
     held_rows = _assess(rule, held.views)
     _write_predictions(ReportDir(out).predictions, {held_name: (held.cases, y_held, held_rows),
                                                     "test": (test, y_test, assessed)}, rule)
-    write_plots(out, y_test, test_logits, T, thr, rule.binary)
+    if rule.multi_label:  # pooled over (case, label): reliability here, ROC/PR/confusion of the decisions below
+        write_plots(out, y_test.reshape(-1), ML.as_binary_logits(test_logits), T, None, False)
+        for name, (columns, rows) in ML.plot_tables(y_test, probs_t, dec_t).items():
+            save_csv(ReportDir(out).plots / name, columns, rows)
+    else:
+        write_plots(out, y_test, test_logits, T, thr, rule.binary)
     save_dict_csv(ReportDir(out).plots / "selective_test.csv", ["coverage", "n", "auroc", "error_rate"], curve)
     _log_mlflow(params, models_dir, out, result, held_name)
     return result
@@ -211,8 +239,7 @@ def _per_fold(held: Held, y_held, tv, y_test, rule: DecisionRule, cfg, seed: int
         p_held = rule.probs(held.views[:, sel].mean(axis=0))
         p_test = rule.probs(tv[:, f].mean(axis=0))
         rows.append({"fold": f, "n_held_out": int(sel.sum()), "held_out_auroc": _r(discrimination(y_held[sel], p_held)),
-                     "test_auroc": _r(discrimination(y_test, p_test)),
-                     "test_ece": _r(M.ece(y_test, p_test[:, 1] if rule.binary else p_test))})
+                     "test_auroc": _r(discrimination(y_test, p_test)), "test_ece": _r(_ece(rule, y_test, p_test))})
     return rows
 
 
@@ -226,17 +253,33 @@ def _calibration_alternatives(held: Held, y_held, test_logits, y_test, names, cf
         p = r.probs(test_logits)
         out[tag] = {"n_fitted": int(len(y_held) if tag == "out_of_fold" else one.sum()),
                     "temperature": _r(r.temperature, 4), "threshold": _r(r.threshold, 4),
-                    "test_ece_calibrated": _r(M.ece(y_test, p[:, 1] if r.binary else p)),
-                    "test_nll_calibrated": _r(M.nll(y_test, p[:, 1] if r.binary else p))}
+                    "test_ece_calibrated": _r(_ece(r, y_test, p)), "test_nll_calibrated": _r(_nll(r, y_test, p))}
         if r.binary and r.threshold is not None and len(np.unique(y_test)) > 1:
             rep = M.binary_report(y_test, p[:, 1], r.threshold)
             out[tag] |= {"test_sensitivity": _r(rep["sensitivity"]), "test_specificity": _r(rep["specificity"])}
     return out
 
 
+def _ece(rule: DecisionRule, y: np.ndarray, p: np.ndarray) -> float:
+    """Calibrated ECE as split_metrics reports it (multi-label: the macro mean over labels)."""
+    if rule.multi_label:
+        return ML.macro_of(M.ece, y, p)
+    return M.ece(y, p[:, 1] if rule.binary else p)
+
+
+def _nll(rule: DecisionRule, y: np.ndarray, p: np.ndarray) -> float:
+    if rule.multi_label:
+        return ML.macro_of(M.nll, y, p)
+    return M.nll(y, p[:, 1] if rule.binary else p)
+
+
 def _write_predictions(path: Path, splits: dict, rule: DecisionRule) -> None:
     """One row per case: the uncalibrated and calibrated probability of the decided (binary: positive)
-    class, the decision, its uncertainty (views' spread) and whether it is referred to a human."""
+    class, the decision, its uncertainty (views' spread) and whether it is referred to a human.
+    Multi-label: label and decision as ';'-joined vectors, probability of the most probable label, then
+    p_<label> (calibrated) and decision_<label> per label."""
+    if rule.multi_label:
+        return _write_multilabel_predictions(path, splits, rule)
     rows = []
     for s, (cases, y, (raw, probs, decisions, unc, referred)) in splits.items():
         for i, cid in enumerate(cases.case_ids):
@@ -245,6 +288,19 @@ def _write_predictions(path: Path, splits: dict, rule: DecisionRule) -> None:
                          f"{unc[i]:.6f}", int(referred[i])])
     save_csv(path, ["case_id", "split", "label", "probability", "calibrated_probability", "decision", "uncertainty",
                     "referred"], rows)
+
+
+def _write_multilabel_predictions(path: Path, splits: dict, rule: DecisionRule) -> None:
+    names = list(rule.class_names)
+    rows = []
+    for s, (cases, y, (raw, probs, decisions, unc, referred)) in splits.items():
+        for i, cid in enumerate(cases.case_ids):
+            k = int(np.argmax(probs[i]))
+            rows.append([cid, s, ";".join(map(str, y[i].tolist())), f"{raw[i, k]:.6f}", f"{probs[i, k]:.6f}",
+                         ";".join(map(str, decisions[i].tolist())), f"{unc[i]:.6f}", int(referred[i])]
+                        + [f"{p:.6f}" for p in probs[i]] + [int(d) for d in decisions[i]])
+    save_csv(path, ["case_id", "split", "label", "probability", "calibrated_probability", "decision", "uncertainty",
+                    "referred"] + [f"p_{n}" for n in names] + [f"decision_{n}" for n in names], rows)
 
 
 def _log_mlflow(params: Params, models_dir: Path, out: Path, result: dict, held_name: str) -> None:
@@ -262,7 +318,7 @@ def _log_mlflow(params: Params, models_dir: Path, out: Path, result: dict, held_
     for split in (held_name, "test", "tta_effect", "uncertainty"):
         for k, v in flatten(result.get(split) or {}).items():
             try:
-                flat[f"{split}_{k}"] = float(v)
+                flat[re.sub(r"[^\w\-. /]", "_", f"{split}_{k}")] = float(v)  # label names may hold any character
             except ValueError:
                 continue
     with mlflow.start_run(run_id=run_id):

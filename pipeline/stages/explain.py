@@ -13,6 +13,9 @@ game and the saliency share inside the lesion, each beside a random-map baseline
 What it reads: the ingest outputs (tensors, their sidecars with the native grid, the masks that
 ingest put on the native grid), the model and calibration; the DICOM sources only for the
 burned-in Secondary Capture (dvc.yaml lists the manifest and the data folder as deps).
+Multi-label models: the map of the most probable label decided present (label 0 when none is), its
+own logit; label and decision are shown as ';'-joined vectors, a case is correct when every label is;
+the pointing game asks about a label the case has (the explained one where it has it).
 """
 
 from __future__ import annotations
@@ -70,33 +73,34 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
             x = data.images[n]
             side = read_sidecar(ingest_dir, cid)
             ex = explain_case(clf, x, cfg.class_index, cfg.method, cfg.target_layer, cfg.shifts)
+            centered = not rule.multi_label
             cam_rand = class_map(rand, x.unsqueeze(0).float(), ex.explained_class, cfg.method, cfg.target_layer,
-                                 cfg.shifts)
+                                 cfg.shifts, centered)
             rand_stats.append(S.spearman_ssim(ex.cam, cam_rand))
-            label = int(data.labels[n])
-            p_shown = float(rule.score(ex.probs[None])[0])
+            label, label_name, decision, correct, annotated = _truth(rule, ex, data.labels[n], names)
+            p_shown = float(ex.probs[ex.explained_class] if rule.multi_label else rule.score(ex.probs[None])[0])
             rel = ""
             if ex.cam.ndim == 3 and side:
                 native = to_native(ex.cam, side["tensor_affine"], side["native_shape"], side["native_affine"])
                 rel = f"overlays/{cid}_saliency.nii.gz"
                 write_nifti(Volume(native, np.asarray(side["native_affine"]), {"integer_valued": False}), out / rel)
                 overlays.append((cid, native))
-                mask = read_native_mask(ingest_dir, cid) if label > 0 else None
+                mask = read_native_mask(ingest_dir, cid) if annotated is not None else None
                 if mask is not None:
                     # The pointing game asks about the annotated class (Zhang et al. 2016), also
                     # where the model decided otherwise.
                     own = native
-                    if ex.explained_class != label:
-                        own = to_native(class_map(model, x.unsqueeze(0).float(), label, cfg.method,
-                                                  cfg.target_layer, cfg.shifts),
+                    if ex.explained_class != annotated:
+                        own = to_native(class_map(model, x.unsqueeze(0).float(), annotated, cfg.method,
+                                                  cfg.target_layer, cfg.shifts, centered),
                                         side["tensor_affine"], side["native_shape"], side["native_affine"])
                     loc.append(S.localization(own, mask))
             cls = ex.explained_class
             title = f"{cid}: {names[cls] if cls < len(names) else cls} map, p={p_shown:.2f}"
             cases.append({
-                "case_id": cid, "split": split, "label": label, "class_name": names[label] if label < len(names) else
-                str(label), "probability": p_shown, "decision": ex.decision, "explained_class": cls,
-                "correct": ex.decision == label, "uncertainty": float(1.0 - abs(2.0 * p_shown - 1.0)),
+                "case_id": cid, "split": split, "label": label, "class_name": label_name, "probability": p_shown,
+                "decision": decision, "explained_class": cls,
+                "correct": correct, "uncertainty": float(1.0 - abs(2.0 * p_shown - 1.0)),
                 "images": [orthogonal_views(x[0].numpy(), ex.cam, title)], "overlay_path": rel,
             })
     sanity = S.summarize(rand_stats, loc)
@@ -111,6 +115,23 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
                c["overlay_path"]] for c in cases])
     _log_mlflow(params, out, sanity, cases)
     return {"n_cases": len(cases), "sanity": sanity, "report": str(out / "report.html")}
+
+
+def _truth(rule: DecisionRule, ex, y, names: list[str]) -> tuple:
+    """(label, its name, decision, correct, the annotated class the pointing game asks about or None).
+    Multi-label: label and decision as ';'-joined vectors, correct when every label is, the annotated
+    class the explained label if the case has it, else its most probable present label."""
+    if not rule.multi_label:
+        label = int(y)
+        return (label, names[label] if label < len(names) else str(label), ex.decision, ex.decision == label,
+                label if label > 0 else None)
+    truth = np.asarray(y).astype(int)
+    present = np.flatnonzero(truth)
+    annotated = None
+    if len(present):
+        annotated = ex.explained_class if truth[ex.explained_class] else int(present[np.argmax(ex.probs[present])])
+    return (";".join(map(str, truth)), "+".join(names[k] for k in present) or "none",
+            ";".join(map(str, np.asarray(ex.decisions).astype(int))), bool((ex.decisions == truth).all()), annotated)
 
 
 def _write_dicom_overlays(params: Params, overlays: list, folder: Path) -> int:

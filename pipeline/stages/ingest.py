@@ -26,7 +26,7 @@ from pipeline.core.plan import ReaderSettings, fit_plan, reader_settings
 from pipeline.core.preprocess import canonicalize, finish_case
 from pipeline.errors import IngestFailed, RejectedCase
 from pipeline.io.artifacts import load_npy, save_json, save_npy, source_hash
-from pipeline.io.index import IngestSummary, remove_stale, write_index, write_splits
+from pipeline.io.index import IngestSummary, label_text, remove_stale, write_index, write_splits
 from pipeline.layout import IngestDir
 from pipeline.progress import progress_map
 from pipeline.sources.manifest import CaseRow, read_manifest, split_rows
@@ -176,7 +176,7 @@ def run_ingest(params: Params, manifest: Path | str | None = None, out_dir: Path
         status = f.get("status", p["status"])
         records.append({
             "case_id": r.case_id, "patient_id": r.patient_id, "split": r.split,
-            "label": "" if r.label is None else r.label, "modality": r.modality, "status": status,
+            "label": label_text(r.label), "modality": r.modality, "status": status,
             "reason_code": f.get("reason_code", p.get("reason_code", "")),
             "reason": f.get("reason", p.get("reason", "")),
             "source_format": p.get("source_format", ""), "manufacturer": p.get("manufacturer", ""),

@@ -5,6 +5,9 @@ preprocessing plan, calibration and threshold, so a study is read and preprocess
 code and plan as the training data (see `pipeline.tracking.serving_model`). One JSON per study in OUT:
 calibrated probabilities by class name, the decision at the registered threshold, the model's
 name and version, or the reason the study was rejected. A bad study is reported, never fatal.
+A multi-label model gives every label its own probability (they need not sum to 1) and decision
+(`decision.labels`: decided, probability, threshold, margin per label; `decision.positive` names the
+labels decided present); it refers a study when any label is within the band or the views disagree.
 
 No PHI in outputs: a study is named ``study-<hash>``, a short hash of its absolute input path.
 Folder and file names are not used: they often hold patient names or record numbers. The
@@ -103,11 +106,15 @@ def predict_one(impl, path: Path | str, modality: str | None = None) -> tuple[di
     except Exception as err:  # noqa: BLE001 - one broken study must never stop the batch
         rec.update(reason_code="unexpected_error", reason=f"{type(err).__name__}: {str(err)[:200]}")
         return rec, None
-    probs, k, rule = a.probs[0], int(a.decisions[0]), impl.rule
-    decision = {"class": impl.class_names[k], "index": k, "rule": rule.rule_text(),
-                "threshold": rule.threshold if rule.binary else None}
-    margin = float(rule.margin(a.probs)[0])
-    why = [f"decision margin {margin:.3f} < {rule.refer_band:g}"] if margin < rule.refer_band else []
+    probs, rule = a.probs[0], impl.rule
+    if rule.multi_label:
+        decision, why = _label_decisions(impl, a)
+    else:
+        k = int(a.decisions[0])
+        decision = {"class": impl.class_names[k], "index": k, "rule": rule.rule_text(),
+                    "threshold": rule.threshold if rule.binary else None}
+        margin = float(rule.margin(a.probs)[0])
+        why = [f"decision margin {margin:.3f} < {rule.refer_band:g}"] if margin < rule.refer_band else []
     if rule.refer_spread is not None and a.uncertainty[0] > rule.refer_spread:
         why.append(f"views' spread {a.uncertainty[0]:.3f} > {rule.refer_spread:g}")
     rec.update(status="ok", modality=prep.modality, notes=prep.notes, decision=decision,
@@ -117,6 +124,18 @@ def predict_one(impl, path: Path | str, modality: str | None = None) -> tuple[di
                referral={"refer": bool(a.referred[0]), "reasons": why,
                          "rule": {"band": rule.refer_band, "max_spread": rule.refer_spread}})
     return rec, prep
+
+
+def _label_decisions(impl, a) -> tuple[dict, list[str]]:
+    """Multi-label: one decision per label at its own threshold, and the labels within the referral band."""
+    rule, names = impl.rule, impl.class_names
+    probs, decided, margins = a.probs[0], a.decisions[0], rule.label_margins(a.probs)[0]
+    labels = {n: {"decision": int(d), "probability": float(p), "threshold": float(t), "margin": float(m)}
+              for n, d, p, t, m in zip(names, decided, probs, rule.label_thresholds, margins)}
+    decision = {"positive": [n for n, d in zip(names, decided) if d], "labels": labels, "rule": rule.rule_text()}
+    why = [f"{n}: decision margin {m:.3f} < {rule.refer_band:g}" for n, m in zip(names, margins)
+           if m < rule.refer_band]
+    return decision, why
 
 
 def run_predict(model_uri: str, paths: list[Path | str], out_dir: Path | str, modality: str | None = None,

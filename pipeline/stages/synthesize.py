@@ -5,7 +5,10 @@ voxel grid, so the files exercise what real readers must get right: DICOM slice 
 PixelSpacing order, rescale, RLE decoding, stray files and localizers; NIfTI permuted, flipped and oblique
 affines, int16/float32 storage, arbitrary intensity scales. Label 1 means a lesion blob is present; its
 binary mask is saved on the image's own grid for every study. With ``task: three_class`` label 1 is a
-hyperdense/hyperintense lesion and label 2 a hypodense/hypointense one (`CLASS_NAMES`); ``preset: hard``
+hyperdense/hyperintense lesion and label 2 a hypodense/hypointense one (`CLASS_NAMES`); with ``task:
+two_findings`` (multi-label) a study has two independent findings, a hyperdense/hyperintense lesion (A)
+and a hypodense/hypointense one (B), each present with probability ``lesion_fraction``: label "A;B"
+(e.g. "1;0"), both lesions in one study when both are present, the mask their union. ``preset: hard``
 swaps in small, faint lesions in noisier images (`PRESETS`).
 
 This driver holds the cohort plan (patients, studies, labels, fake PHI) and writes the cohort, truth.json
@@ -51,6 +54,7 @@ _MARKER = ".resdx-synthetic"
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "binary": ("no lesion", "lesion"),
     "three_class": ("no lesion", "hyperdense", "hypodense"),
+    "two_findings": ("hyperdense", "hypodense"),  # the labels of the multi-label vector, in order
 }
 
 # The difficulty knobs of SynthesizeConfig; a preset other than "default" REPLACES all of them with its
@@ -96,7 +100,7 @@ class SynthesisSummary:
     n_files: int
     n_bytes: int
     class_names: tuple[str, ...] = CLASS_NAMES["binary"]
-    label_counts: tuple[int, ...] = ()  # studies per label 0..K-1
+    label_counts: tuple[int, ...] = ()  # studies per label 0..K-1 (two_findings: with each finding)
 
 
 def resolve_preset(cfg: SynthesizeConfig) -> SynthesizeConfig:
@@ -115,6 +119,9 @@ def plan_cohort(cfg: SynthesizeConfig, seed: int) -> list[CasePlan]:
 
     three_class: the positives are split into label 1 (hyper) and 2 (hypo, negative contrast), hypo =
     half rounded down. Its extra draw comes last, so the binary cohort's draws are unchanged.
+    two_findings: finding A (hyper) is the binary cohort's label; finding B (hypo) an independent
+    permutation with the same exact count, drawn last with the second lesion's radius and contrast. The
+    first lesion is A's where A is present (else B's, negative contrast); with both, B is a second lesion.
     """
     cfg = resolve_preset(cfg)
     lo, hi = cfg.studies_per_patient
@@ -152,16 +159,32 @@ def plan_cohort(cfg: SynthesizeConfig, seed: int) -> list[CasePlan]:
     if cfg.task == "three_class":
         positive = np.flatnonzero(labels == 1)
         labels[rng.permutation(positive)[: len(positive) // 2]] = 2
-    sign = np.where(labels == 2, -1.0, 1.0)
+    hypo = labels == 2  # the (first) lesion has negative contrast
+    findings = np.zeros((n, 0), dtype=int)
+    both = np.zeros(n, dtype=bool)  # a second lesion (finding B beside A)
+    second_radii, second_unit = np.zeros(n), np.zeros(n)
+    if cfg.task == "two_findings":
+        b = np.zeros(n, dtype=int)
+        b[: int(round(cfg.lesion_fraction * n))] = 1
+        findings = np.stack([labels, rng.permutation(b)], axis=1)
+        second_radii, second_unit = rng.uniform(*cfg.lesion_radius_mm, n), rng.uniform(0.0, 1.0, n)
+        labels = findings.max(axis=1)  # any lesion
+        hypo, both = findings[:, 0] == 0, findings.sum(axis=1) == 2
+    sign = np.where(hypo, -1.0, 1.0)
+
+    def contrast(mod: str, u: float) -> float:
+        return float(np.interp(u, [0, 1], cfg.lesion_contrast_hu if mod == "CT" else cfg.lesion_gain_mr))
+
     return [
         CasePlan(
             index=i, case_id=f"demo-c{i + 1:04d}", patient_id=f"demo-p{p + 1:0{width}d}",
             patient_key=f"p{p + 1:0{width}d}", study_key=f"s{s + 1:02d}", modality=mod, label=int(labels[i]),
             lesion_radius=round(float(radii[i]), 2), compressed=i in compressed, localizer=i in localizer,
-            lesion_contrast=float(sign[i] * np.interp(unit[i], [0, 1], cfg.lesion_contrast_hu if mod == "CT"
-                                                      else cfg.lesion_gain_mr)),
+            lesion_contrast=float(sign[i] * contrast(mod, unit[i])),
             phi=phi, ct_noise_hu=cfg.ct_noise_hu, mr_noise=cfg.mr_noise, mr_bias_field=cfg.mr_bias_field,
-            ct_drift_hu=cfg.ct_drift_hu,
+            ct_drift_hu=cfg.ct_drift_hu, findings=tuple(int(v) for v in findings[i]),
+            second_radius=round(float(second_radii[i]), 2) if both[i] else 0.0,
+            second_contrast=-contrast(mod, second_unit[i]) if both[i] else 0.0,
         )
         for i, (p, s, mod, phi) in enumerate(rows)
     ]
@@ -175,7 +198,8 @@ def plan_cohort(cfg: SynthesizeConfig, seed: int) -> list[CasePlan]:
 def _write_case(plan: CasePlan, seed: int, out_dir: Path) -> dict:
     """Write one study into a hidden temp folder, then rename it into place."""
     rng = _rng(seed, 1, plan.index)
-    ph = make_phantom(rng, plan.lesion_radius if plan.label else None)
+    ph = make_phantom(rng, plan.lesion_radius if plan.label else None,
+                      second_radius=plan.second_radius if plan.second_radius else None)
     final = out_dir / plan.patient_key / plan.study_key
     tmp = final.with_name(f".{plan.study_key}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -190,12 +214,13 @@ def _write_case(plan: CasePlan, seed: int, out_dir: Path) -> dict:
         "case_id": plan.case_id,
         "patient_id": plan.patient_id,
         "modality": plan.modality,
-        "label": plan.label,
+        "label": list(plan.findings) if plan.findings else plan.label,
         "lesion_centre_ras": [round(v, 4) for v in ph.lesion_centre] if ph.lesion_centre else None,
         "lesion_radius_mm": plan.lesion_radius if plan.label else None,
         "image": image.relative_to(out_dir).as_posix(),
         "mask": (final / "mask.nii.gz").relative_to(out_dir).as_posix(),
         **geometry,
+        **({"second_lesion_centre_ras": [round(v, 4) for v in ph.second_centre]} if ph.second_centre else {}),
     }
 
 
@@ -232,6 +257,7 @@ def synthesize(cfg: SynthesizeConfig, seed: int, progress: bool = False) -> Synt
 
     # Manifest paths are relative to the manifest's own folder, so the repository can move. Beyond two
     # classes a label_name column (ignored by the reader) names each label: see data.class_names.
+    # two_findings: the label is the 0/1 vector joined by ';' ("1;0"), label_name the findings present.
     named = cfg.task != "binary"
     base = manifest.parent.resolve()
     buf = io.StringIO()
@@ -242,8 +268,12 @@ def synthesize(cfg: SynthesizeConfig, seed: int, progress: bool = False) -> Synt
             Path(os.path.relpath((out_dir / rec[k]).resolve(), base)).as_posix()
             for k in ("image", "mask")
         ]
-        writer.writerow([rec["case_id"], rec["patient_id"], rec["modality"], rel[0], rec["label"], rel[1]]
-                        + [class_names[rec["label"]]] * named)
+        label, name = rec["label"], class_names[rec["label"]] if isinstance(rec["label"], int) else ""
+        if isinstance(label, list):
+            name = "+".join(n for n, v in zip(class_names, label) if v) or "none"
+            label = ";".join(str(v) for v in label)  # the manifest reader's multi-label cell
+        writer.writerow([rec["case_id"], rec["patient_id"], rec["modality"], rel[0], label, rel[1]]
+                        + [name] * named)
     save_text(manifest, buf.getvalue())
 
     files = [p for p in out_dir.rglob("*") if p.is_file()]
@@ -253,5 +283,6 @@ def synthesize(cfg: SynthesizeConfig, seed: int, progress: bool = False) -> Synt
         n_positive=sum(p.label > 0 for p in plans), n_compressed=sum(p.compressed for p in plans),
         n_localizers=sum(p.localizer for p in plans), n_files=len(files),
         n_bytes=sum(p.stat().st_size for p in files), class_names=class_names,
-        label_counts=tuple(sum(p.label == k for p in plans) for k in range(len(class_names))),
+        label_counts=tuple(sum(p.findings[k] if p.findings else p.label == k for p in plans)
+                           for k in range(len(class_names))),
     )

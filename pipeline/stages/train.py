@@ -3,6 +3,9 @@
 Single process on CPU or one GPU, or under `torchrun --nproc_per_node N` (DDP; rank 0 alone
 logs and writes). Deterministic on CPU: every epoch's sample order, augmentation and dropout
 are pure functions of (seed, epoch), so a resumed run equals an uninterrupted one.
+Multi-label plans (labels (N, L)): BCE with logits (pos_weight per label with train.imbalance=weights;
+the sampler is refused), the epoch kept by the macro AUROC over labels, K folds stratified on the
+label combination (`pipeline.core.splits.strata`).
 """
 
 from __future__ import annotations
@@ -21,11 +24,19 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import Params
-from pipeline.core.augment import Augmenter, class_weights
+from pipeline.core.augment import Augmenter
 from pipeline.core.classifier import predict_logits, resolve_device
 from pipeline.core.models import ModelSpec, build_model, load_medicalnet
 from pipeline.core.plan import NetworkPlan, Plan
-from pipeline.core.training import auroc_of, local_order, make_optimizer, seed_everything
+from pipeline.core.training import (
+    auroc_of,
+    check_imbalance,
+    local_order,
+    make_criterion,
+    make_optimizer,
+    seed_everything,
+    val_loss_of,
+)
 from pipeline.errors import ResDxError
 from pipeline.io.artifacts import save_csv, save_json
 from pipeline.io.checkpoint import load_train_state, save_checkpoint, save_train_state, save_weights
@@ -137,6 +148,7 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
         torch.backends.cudnn.benchmark = True
 
     plan = read_plan(ingest_dir)
+    check_imbalance(params.train.imbalance, plan.multi_label)
     train, val = load_split(ingest_dir, "train", pin=device.type == "cuda"), load_split(ingest_dir, "val")
     if len(train) == 0 or (len(val) == 0 and params.split.folds <= 1):
         raise ResDxError(f"{ingest_dir}: need ok cases in both train ({len(train)}) and val ({len(val)}) splits",
@@ -148,8 +160,9 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
         raise ResDxError(str(err), code="no_training_data", hint="lower split.folds") from None
     first = members[0].train
     has_masks = any(IngestDir(ingest_dir).mask(c).exists() for c in train.case_ids)
-    network = plan_network(list(train.images.shape[2:]), len(first), np.bincount(first.labels.numpy()).tolist(),
-                           has_masks, params.model, params.train)
+    counts = first.labels.sum(dim=0) if plan.multi_label else np.bincount(first.labels.numpy())  # multi: positives
+    network = plan_network(list(train.images.shape[2:]), len(first), counts.tolist(), has_masks, params.model,
+                           params.train)
     params = resolved(params, network)
     spec = model_spec(params, train, plan)
     dhash = data_hash(ingest_dir)
@@ -185,8 +198,8 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
 def member_data_id(member: Member, plan: Plan, case_hash: dict[str, str]) -> str:
     """What a member's result depends on besides params: its own train and val cases (id, label and the
     content hash ingest recorded) and the plan. Another fold's change leaves it, so it is not retrained."""
-    rows = [f"{s}:{c}:{int(y)}:{case_hash.get(c, '')}" for s, cs in (("t", member.train), ("v", member.val))
-            for c, y in zip(cs.case_ids, cs.labels.tolist())]
+    rows = [f"{s}:{c}:{';'.join(map(str, y)) if isinstance(y, list) else int(y)}:{case_hash.get(c, '')}"
+            for s, cs in (("t", member.train), ("v", member.val)) for c, y in zip(cs.case_ids, cs.labels.tolist())]
     return hashlib.blake2b(("\n".join([plan.hash(), *rows])).encode(), digest_size=12).hexdigest()
 
 
@@ -220,8 +233,8 @@ def _fit_member(params: Params, spec: ModelSpec, member: Member, plan: Plan, dha
     progress_state = _load_state(state, model, opt, sched) if t.resume else None
     net = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
         if world > 1 else model
-    weights = class_weights(train.labels.cpu(), spec.n_classes).to(device) if t.imbalance == "weights" else None
-    criterion = nn.CrossEntropyLoss(weight=weights)
+    multi = train.labels.ndim == 2  # multi-label: BCE with logits, one sigmoid per label
+    criterion = make_criterion(train.labels, spec.n_classes, t.imbalance, multi, device)
     augment = Augmenter(t.augment, spatial_dims=spec.input_ndim)
 
     ps = progress_state or {}
@@ -278,7 +291,7 @@ def _fit_member(params: Params, spec: ModelSpec, member: Member, plan: Plan, dha
                 bar.step()
             # Every rank evaluates the (small) validation set the same way: no broadcast needed.
             val_logits = predict_logits(model, val.images, device, t.batch_size, amp)
-            val_loss = float(nn.functional.cross_entropy(val_logits, val.labels))
+            val_loss = val_loss_of(val.labels, val_logits, multi)
             val_auroc = auroc_of(val.labels, val_logits)
             score = val_auroc if not math.isnan(val_auroc) else -val_loss
             row = {"epoch": epoch, "train_loss": float(loss_sum) / n_steps if n_steps else float("nan"),
@@ -345,7 +358,7 @@ def _export(out: Path, fits: list[dict], spec: ModelSpec, plan: Plan, params: Pa
     save_checkpoint(final, final_spec, out, {
         "class_names": class_names, "input_shape": list(plan.shape), "best_epoch": s.best_epoch,
         "best_val_auroc": s.best_val_auroc, "seed": params.seed, "data_hash": dhash, "mlflow_run_id": s.run_id,
-        "source": plan.source, "folds": folds,
+        "source": plan.source, "folds": folds, "task": plan.task,
     })
     layout = ModelDir(out)
     save_json(layout.plan, plan.to_json())

@@ -16,12 +16,14 @@ Bundled artifacts (names are the keys of ``context.artifacts``):
 Two kinds of input:
 
 * ``numpy.ndarray`` float32 of shape (N, C, X, Y, Z), already preprocessed with the bundled plan
-  -> ``numpy.ndarray`` (N, K) of calibrated class probabilities (softmax(logits / T)). This is
+  -> ``numpy.ndarray`` (N, K) of calibrated class probabilities (softmax(logits / T); a multi-label
+  model: (N, L) per-label probabilities sigmoid(logits / T), which need not sum to 1). This is
   what the signature declares (a TensorSpec) and what ``mlflow models serve`` accepts:
   ``{"inputs": [...]}``.
 * a ``pandas.DataFrame`` with a ``path`` column (a DICOM folder or file, or a NIfTI file) and
   optional ``modality`` (CT/MR) and ``series_uid`` columns -> one output row per input row:
-  calibrated probabilities, the decision at the registered threshold, and ``status`` /
+  calibrated probabilities, the decision at the registered threshold (multi-label: ``decision_<label>``
+  per label at its own threshold, and ``decision`` their ';'-joined vector), and ``status`` /
   ``reason_code`` / ``reason`` for studies that cannot be used. Each study goes through the
   ingest stage's own code (`pipeline.io.reader.read_case` -> `pipeline.core.preprocess.preprocess_case`
   with the bundled plan). MLflow enforces the tensor signature *before* ``predict`` runs, so a
@@ -122,8 +124,13 @@ class ResDxModel(mlflow.pyfunc.PythonModel):
             return np.zeros((0, len(self.class_names)))
         return self.rule.probs(self.logits(images))
 
+    @property
+    def multi_label(self) -> bool:
+        return self.rule.multi_label
+
     def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Binary: 1 where p(class 1) >= the registered threshold; otherwise the argmax class."""
+        """Binary: 1 where p(class 1) >= the registered threshold; otherwise the argmax class.
+        Multi-label: (N, L), 1 where p(label) >= that label's registered threshold."""
         return self.rule.decide(probs)
 
     def assess_tensors(self, images: np.ndarray):
@@ -205,13 +212,26 @@ class ResDxModel(mlflow.pyfunc.PythonModel):
             j = position.get(i)
             for c, name in enumerate(self.class_names):
                 row[PROB_PREFIX + name] = float(a.probs[j, c]) if j is not None else float("nan")
-            row["decision"] = int(a.decisions[j]) if j is not None else None
-            row["predicted_class"] = self.class_names[int(a.decisions[j])] if j is not None else None
+            if self.multi_label:
+                self._label_decisions(row, a.decisions[j] if j is not None else None)
+            else:
+                row["decision"] = int(a.decisions[j]) if j is not None else None
+                row["predicted_class"] = self.class_names[int(a.decisions[j])] if j is not None else None
             row["uncertainty"] = float(a.uncertainty[j]) if j is not None else float("nan")
             row["referred"] = bool(a.referred[j]) if j is not None else None
         out = pd.DataFrame(rows, index=df.index)
-        out["decision"] = out["decision"].astype("Int64")
+        for c in ["decision_" + n for n in self.class_names] if self.multi_label else ["decision"]:
+            out[c] = out[c].astype("Int64")
         return out
+
+    def _label_decisions(self, row: dict, decisions) -> None:
+        """Multi-label columns: decision_<label> (0/1), `decision` the ';'-joined vector, `predicted_class`
+        the positive labels joined by '+' ("" when none)."""
+        for c, name in enumerate(self.class_names):
+            row["decision_" + name] = int(decisions[c]) if decisions is not None else None
+        row["decision"] = ";".join(str(int(d)) for d in decisions) if decisions is not None else None
+        row["predicted_class"] = ("+".join(n for n, d in zip(self.class_names, decisions) if d)
+                                  if decisions is not None else None)
 
     # ------------------------------------------------------------------ the pyfunc entry point
     def predict(self, context, model_input: np.ndarray, params=None):
