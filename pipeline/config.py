@@ -196,6 +196,9 @@ class TrainConfig(_Strict):
     imbalance: Literal["weights", "sampler", "none"] = "weights"
     grad_clip: float | None = Field(1.0, gt=0.0)
     patience: int = Field(10, ge=1)
+    # Which epoch is kept: best (by validation AUROC, with early stopping) or last (the annealed end of the
+    # schedule); null = the plan's rule (last when the validation set has < 50 cases of its rarer class).
+    select: Literal["best", "last"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA; CPU always trains in fp32
     resume: bool = True
@@ -217,6 +220,9 @@ class EvaluateConfig(_Strict):
     target_sensitivity: float = Field(0.9, gt=0.0, le=1.0)
     n_bootstrap: int = Field(1000, ge=100)
     min_subgroup_cases: int = Field(10, ge=2)
+    # Calibration map fitted on the held-out predictions: temperature scaling, or temperature plus a
+    # bias per class (removes the prior shift that class weights or a balanced sampler leave).
+    calibration: Literal["temperature", "temperature_bias"] = "temperature_bias"
     # Test-time views averaged with the fold members (pipeline/core/views.py); also used by predict.
     tta: Literal["none", "flips", "flips_shifts"] = "flips"
     referral: ReferralConfig = ReferralConfig()

@@ -58,7 +58,7 @@ def tiny_ingested(demo_cohort, tmp_path_factory) -> Path:
 def tiny_params(tmp: Path, ingest_dir: Path, **train) -> dict:
     """Raw params for fast CPU training runs in tests (resnet10, 2 epochs, local MLflow store)."""
     t = {"out_dir": str(tmp / "models"), "state_dir": str(tmp / "state"), "epochs": 2, "batch_size": 4,
-         "patience": 5, "threads": 1, "device": "cpu"}
+         "patience": 5, "threads": 1, "device": "cpu", "select": "best"}
     t.update(train)
     # The network the plan picks for the shipped 48^3 demo, pinned: tests of the stages should not
     # change when the plan's rules for other input sizes do (tests/test_recipe.py tests the rules).

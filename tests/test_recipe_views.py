@@ -16,12 +16,12 @@ from pipeline.core.views import apply_view, spread, transforms, view_logits
 
 
 def test_the_plan_keeps_a_small_inputs_voxels_and_the_demo_network():
-    small = plan_network([28, 28, 28], 1188, [942, 246], False, ModelConfig(), TrainConfig())["choices"]
+    small = plan_network([28, 28, 28], 1188, [942, 246], False, ModelConfig(), TrainConfig(), [76, 22])["choices"]
     assert small == {"name": "resnet10", "conv1_t_stride": 1, "conv1_t_size": 3, "pool": "avg", "output_stride": 32,
-                     "padding": "zeros", "batch_size": 16, "epochs": 8}
-    demo = plan_network([48, 48, 48], 187, [95, 92], True, ModelConfig(), TrainConfig())["choices"]
+                     "padding": "zeros", "batch_size": 16, "epochs": 8, "select": "last"}
+    demo = plan_network([48, 48, 48], 187, [95, 92], True, ModelConfig(), TrainConfig(), [32, 31])["choices"]
     assert demo == {"name": "resnet10", "conv1_t_stride": 2, "conv1_t_size": 7, "pool": "lse", "output_stride": 8,
-                    "padding": "replicate", "batch_size": 8, "epochs": 15}
+                    "padding": "replicate", "batch_size": 8, "epochs": 15, "select": "last"}
 
 
 def test_every_planned_choice_can_be_overridden_and_says_why():
@@ -133,3 +133,31 @@ def test_a_classifier_assesses_in_one_pass():
     assert a.n_views == 16 and a.probs.shape == (3, 2) and (a.uncertainty > 0).all()
     np.testing.assert_allclose(a.probs.sum(1), 1.0)
     assert not a.referred.any()
+
+
+def test_epoch_selection_by_validation_auroc_needs_enough_rare_cases():
+    few = plan_network([48] * 3, 500, [250, 250], True, ModelConfig(), TrainConfig(), [80, 21])
+    many = plan_network([48] * 3, 5000, [2500, 2500], True, ModelConfig(), TrainConfig(), [400, 300])
+    assert few["choices"]["select"] == "last" and "21 case(s)" in few["why"]["select"]
+    assert many["choices"]["select"] == "best"
+    assert plan_network([48] * 3, 500, [250, 250], True, ModelConfig(), TrainConfig(select="best"),
+                        [80, 21])["choices"]["select"] == "best"
+
+
+def test_temperature_and_bias_remove_a_prior_shift_that_temperature_alone_cannot():
+    from pipeline.core import metrics as M
+    from pipeline.core.calibration import fit_temperature_bias
+
+    rng = np.random.default_rng(2)
+    y = (rng.random(4000) < 0.2).astype(int)
+    s = (y * 2 - 1) * 1.0 + rng.normal(0, 1.0, 4000)  # true log-odds: 2 s + log(0.2 / 0.8)
+    logits = np.c_[np.zeros(4000), 2 * s]  # what a class-balanced training learns: the prior is gone
+    t, b = fit_temperature_bias(logits, y)
+    assert t == pytest.approx(1.0, abs=0.1) and b[1] == pytest.approx(np.log(0.25), abs=0.15)
+    both = M.apply_temperature(logits / t + b, 1.0)[:, 1]
+    alone = M.apply_temperature(logits, M.fit_temperature(logits, y))[:, 1]
+    assert M.ece(y, both) < 0.03 < M.ece(y, alone)
+    cfg = Params().evaluate
+    rule = fit_rule(logits, y, ("no", "yes"), cfg)
+    assert rule.bias is not None and DecisionRule.from_calibration(rule.to_calibration()) == rule
+    np.testing.assert_allclose(rule.probs(logits)[:, 1], both, atol=1e-4)

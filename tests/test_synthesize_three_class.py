@@ -58,6 +58,11 @@ def test_three_class_cohort_trains_and_evaluates(tmp_path):
     for key in ("auroc", "auroc_micro", "accuracy"):  # auroc: macro one-vs-rest
         assert 0.0 <= metrics["test"][key] <= 1.0, key
     assert metrics["calibration"]["threshold"] is None  # argmax of calibrated probabilities
+    per_class = metrics["test"]["per_class"]
+    assert set(per_class) == {"no lesion", "hyperdense", "hypodense"}
+    assert sum(c["n"] for c in per_class.values()) == metrics["test"]["n"]
+    assert all(0.0 <= c["ece_ovr_calibrated"] <= 1.0 for c in per_class.values())
+    assert len(metrics["calibration"]["bias"]) == 3  # temperature and a bias per class
     with (tmp_path / "reports/predictions.csv").open(newline="") as fh:
         preds = list(csv.DictReader(fh))
     assert {p["split"] for p in preds} == {"val", "test"}

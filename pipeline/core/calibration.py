@@ -158,6 +158,34 @@ def fit_temperature(logits, y, bounds: tuple[float, float] = (1e-2, 1e2)) -> flo
     return float(np.exp(res.x))
 
 
+def fit_temperature_bias(logits, y, bounds: tuple[float, float] = (1e-2, 1e2)) -> tuple[float, np.ndarray]:
+    """Temperature T and class biases b (b[0] = 0) minimising the NLL of ``softmax(logits / T + b)``
+    on held-out data: temperature scaling plus the bias of Platt scaling (Platt 1999; Guo et al. 2017's
+    "vector scaling" with one shared scale). The bias is what temperature alone cannot remove: a
+    prior shift, e.g. from class-weighted training or a balanced sampler, moves every logit
+    difference by about log(prior ratio), and dividing by T only rescales it.
+
+    Parameters: ``logits`` (N, K>=2); ``y`` (N,) labels in 0..K-1. Returns (T, b) with b of shape (K,).
+    Starts from the temperature-only optimum; L-BFGS-B over (log T, b[1:]).
+    """
+    z = _logits(logits)
+    y = _labels(y)
+    if z.ndim != 2:
+        raise ValueError("fit_temperature_bias needs (N, K) class logits")
+    t0 = fit_temperature(z, y, bounds)
+    k = z.shape[1]
+
+    def nll(theta: np.ndarray) -> float:
+        b = np.concatenate([[0.0], theta[1:]])
+        return _nll_from_logits(z / np.exp(theta[0]) + b, y)
+
+    start = np.concatenate([[np.log(t0)], np.zeros(k - 1)])
+    res = optimize.minimize(nll, start, method="L-BFGS-B",
+                            bounds=[(np.log(bounds[0]), np.log(bounds[1]))] + [(-20.0, 20.0)] * (k - 1))
+    theta = res.x if res.success and nll(res.x) <= nll(start) else start
+    return float(np.exp(theta[0])), np.concatenate([[0.0], theta[1:]])
+
+
 def apply_temperature(logits, temperature: float) -> np.ndarray:
     """Calibrated probabilities from logits divided by a temperature.
 

@@ -62,6 +62,7 @@ class DecisionRule:
     refer_spread: float | None = None  # ... or when the views' spread of the probability is above this
     task: str = "single_label"  # or "multi_label"
     thresholds: tuple[float, ...] | None = None  # multi-label: one per label (None: 0.5 each)
+    bias: tuple[float, ...] | None = None  # single-label: softmax(logits / T + bias) (evaluate.calibration)
 
     @classmethod
     def from_calibration(cls, cal: dict, class_names=None) -> DecisionRule:
@@ -69,18 +70,21 @@ class DecisionRule:
         thr = cal.get("threshold")
         referral = cal.get("referral") or {}
         spread = referral.get("max_spread")
-        per_label = cal.get("thresholds")
+        per_label, bias = cal.get("thresholds"), cal.get("bias")
         return cls(float(cal["temperature"]), None if thr is None else float(thr), tuple(names),
                    cal.get("operating_point", "youden"), cal.get("tta", "none"), float(referral.get("band", 0.0)),
                    None if spread is None else float(spread), cal.get("task", "single_label"),
-                   None if per_label is None else tuple(float(t) for t in per_label))
+                   None if per_label is None else tuple(float(t) for t in per_label),
+                   None if bias is None else tuple(float(b) for b in bias))
 
     def to_calibration(self) -> dict:
         out = {"temperature": self.temperature, "threshold": self.threshold, "class_names": list(self.class_names),
                "binary": self.binary, "operating_point": self.operating_point, "tta": self.tta,
                "referral": {"band": self.refer_band, "max_spread": self.refer_spread}}
-        if self.multi_label:  # single-label calibration.json keeps exactly its keys
+        if self.multi_label:
             out |= {"task": self.task, "thresholds": list(self.label_thresholds)}
+        if self.bias is not None:
+            out["bias"] = list(self.bias)
         return out
 
     @property
@@ -105,6 +109,8 @@ class DecisionRule:
             from scipy.special import expit
 
             return expit(z / self.temperature)
+        if self.bias is not None:
+            z = z + self.temperature * np.asarray(self.bias)  # softmax((z + T b) / T) = softmax(z / T + b)
         return apply_temperature(z, self.temperature)
 
     def score(self, probs: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ MIN_EVIDENCE_CELLS = 4  # last-stage cells per axis the evidence head needs to p
 BUDGET_PRESENTATIONS = 3000  # case presentations per training run on the CPU budget
 EPOCH_RANGE = (8, 15)
 MIN_STEPS_PER_EPOCH = 64
+MIN_RARE_FOR_SELECTION = 50  # rarer-class validation cases below which epoch selection by AUROC is noise
 
 
 def _stem(size: int) -> tuple[int, int, str]:
@@ -41,9 +42,9 @@ def _output_stride(size: int, stem_stride: int, pool: str) -> tuple[int, str]:
 
 
 def plan_network(spatial: list[int], n_train: int, class_counts: list[int], has_masks: bool,
-                 model: ModelConfig, train: TrainConfig) -> dict:
+                 model: ModelConfig, train: TrainConfig, val_counts: list[int] | None = None) -> dict:
     """{"choices": {key: value}, "why": {key: reason}} for name, conv1_t_stride, conv1_t_size,
-    pool, output_stride, padding, batch_size and epochs; `model`/`train` values override."""
+    pool, output_stride, padding, batch_size, epochs and select; `model`/`train` values override."""
     size = int(min(spatial)) if spatial else 1
     choices: dict = {}
     why: dict = {}
@@ -78,10 +79,19 @@ def plan_network(spatial: list[int], n_train: int, class_counts: list[int], has_
     epochs = int(min(hi, max(lo, round(BUDGET_PRESENTATIONS / max(1, n_train)))))
     pick("epochs", train.epochs, epochs, f"about {BUDGET_PRESENTATIONS} case presentations ({n_train} cases), "
          f"within {lo}-{hi} epochs; the best epoch by validation AUROC is kept")
+    rare = min(val_counts) if val_counts else 0
+    if rare < MIN_RARE_FOR_SELECTION:
+        pick("select", train.select, "last", f"the validation set has {rare} case(s) of its rarer class "
+             f"(< {MIN_RARE_FOR_SELECTION}): its AUROC moves by ~0.05 between epochs by chance, so the best epoch "
+             "by it is noise; the last epoch of the cosine schedule is kept")
+    else:
+        pick("select", train.select, "best", f"{rare} validation cases of the rarer class: the best epoch by "
+             "validation AUROC, with early stopping")
     balance = (f"class counts {class_counts}: imbalance handled by train.imbalance={train.imbalance}"
                if class_counts else "")
     return {"choices": choices, "why": why, "fingerprint": {"input_size": list(spatial), "n_train": n_train,
                                                              "class_counts": class_counts, "has_masks": has_masks,
+                                                             "val_class_counts": val_counts or [],
                                                              "balance": balance}}
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from pipeline.config import EvaluateConfig
 from pipeline.core import metrics as M
 from pipeline.core import multilabel
+from pipeline.core.calibration import fit_temperature_bias
 from pipeline.core.classifier import DecisionRule
 
 
@@ -22,17 +23,23 @@ def fit_rule(logits: np.ndarray, y: np.ndarray, class_names: tuple[str, ...], cf
     Multi-label labels (N, L): one shared temperature and a threshold per label (`core.multilabel`)."""
     if np.asarray(y).ndim == 2:
         return multilabel.fit_rule(logits, y, class_names, cfg)
-    temperature = M.fit_temperature(logits, y)
+    bias = None
+    if cfg.calibration == "temperature_bias" and len(np.unique(y)) == logits.shape[1]:
+        temperature, b = fit_temperature_bias(logits, y)
+        bias = tuple(float(v) for v in b)
+    else:  # temperature only (also when a class is missing from the held-out cases: no bias to fit for it)
+        temperature = M.fit_temperature(logits, y)
     threshold = None
+    base = DecisionRule(float(temperature), None, tuple(class_names), bias=bias)
     if logits.shape[1] == 2:
         if len(np.unique(y)) < 2:
             threshold = 0.5  # one class held out: no ROC to choose from; the calibrated 0.5 is the honest default
         else:
-            score = M.apply_temperature(logits, temperature)[:, 1]
+            score = base.probs(logits)[:, 1]
             threshold = (M.youden_threshold(y, score) if cfg.operating_point == "youden"
                          else M.threshold_for_sensitivity(y, score, cfg.target_sensitivity))
     return DecisionRule(float(temperature), threshold, tuple(class_names), cfg.operating_point, cfg.tta,
-                        cfg.referral.band, cfg.referral.max_spread)
+                        cfg.referral.band, cfg.referral.max_spread, bias=bias)
 
 
 def discrimination(y: np.ndarray, probs: np.ndarray) -> float:

@@ -20,14 +20,15 @@ def _plt():
     return plt
 
 
-def write_plots(out: Path, y, logits, temperature, threshold, binary: bool) -> None:
-    """DVC plot tables (CSV) and the same figures as PNG, which open offline anywhere."""
+def write_plots(out: Path, y, logits, temperature, threshold, binary: bool, raw_logits=None) -> None:
+    """DVC plot tables (CSV) and the same figures as PNG, which open offline anywhere. The calibrated
+    probabilities are softmax(logits / temperature); `raw_logits` (default `logits`) give the "before"."""
     plt = _plt()
 
     plots, figs = out / "plots", out / "figures"
     plots.mkdir(exist_ok=True)
     figs.mkdir(exist_ok=True)
-    raw = M.apply_temperature(logits, 1.0)
+    raw = M.apply_temperature(logits if raw_logits is None else raw_logits, 1.0)
     cal = M.apply_temperature(logits, temperature)
     p_raw = raw[:, 1] if binary else raw
     p_cal = cal[:, 1] if binary else cal

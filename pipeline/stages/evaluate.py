@@ -40,8 +40,13 @@ def _r(x: float, nd: int = 4):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), nd)
 
 
+def _shifted(logits: np.ndarray, temperature: float, bias) -> np.ndarray:
+    """Logits whose softmax at `temperature` is the calibrated softmax(logits / T + bias)."""
+    return logits if bias is None else logits + temperature * np.asarray(bias)
+
+
 def split_metrics(y: np.ndarray, logits: np.ndarray, temperature: float, threshold: float | None,
-                  n_boot: int, seed: int, names=None) -> dict:
+                  n_boot: int, seed: int, names=None, bias=None) -> dict:
     """Every metric of one split: discrimination, operating point, calibration before/after scaling.
     Multi-label (y (N, L), `threshold` one per label): each label's binary metrics under `per_label`
     (by name), and their macro summary (`core.multilabel.summary`)."""
@@ -52,7 +57,7 @@ def split_metrics(y: np.ndarray, logits: np.ndarray, temperature: float, thresho
                      for k, n in enumerate(names)}
         return ML.summary(y, logits, temperature, per_label, n_boot, seed)
     raw = M.apply_temperature(logits, 1.0)
-    cal = M.apply_temperature(logits, temperature)
+    cal = M.apply_temperature(_shifted(logits, temperature, bias), temperature)
     out: dict = {"n": int(len(y)), "n_positive": int((y == 1).sum()) if raw.shape[1] == 2 else None}
     two_classes = len(np.unique(y)) >= 2
     if raw.shape[1] == 2:
@@ -80,6 +85,7 @@ def split_metrics(y: np.ndarray, logits: np.ndarray, temperature: float, thresho
 
         out["balanced_accuracy"] = _r(balanced_accuracy_score(y, pred))
         brier_raw, brier_cal = M.brier(y, raw), M.brier(y, cal)
+        out["per_class"] = _per_class(y, raw, cal, names)
     probs_raw = raw if raw.shape[1] > 2 else raw[:, 1]
     probs_cal = cal if cal.shape[1] > 2 else cal[:, 1]
     out.update(
@@ -93,8 +99,20 @@ def split_metrics(y: np.ndarray, logits: np.ndarray, temperature: float, thresho
     return out
 
 
+def _per_class(y: np.ndarray, raw: np.ndarray, cal: np.ndarray, names) -> dict:
+    """One-vs-rest AUROC and calibration of each class (a softmax's top-label ECE hides a class that is
+    always over-predicted)."""
+    out = {}
+    for k in range(raw.shape[1]):
+        yk = (y == k).astype(int)
+        name = str(names[k]) if names is not None and k < len(names) else str(k)
+        out[name] = {"n": int(yk.sum()), "auroc_ovr": _r(M.auroc(yk, cal[:, k])) if 0 < yk.sum() < len(yk) else None,
+                     "ece_ovr": _r(M.ece(yk, raw[:, k])), "ece_ovr_calibrated": _r(M.ece(yk, cal[:, k]))}
+    return out
+
+
 def subgroup_metrics(cases: CaseSet, y: np.ndarray, logits: np.ndarray, temperature: float, threshold,
-                     min_cases: int, seed: int, names=None) -> dict:
+                     min_cases: int, seed: int, names=None, bias=None) -> dict:
     """Per modality and per manufacturer; 'too few cases' below `min_cases` or with one class."""
     out: dict = {}
     for key in ("modality", "manufacturer"):
@@ -106,7 +124,7 @@ def subgroup_metrics(cases: CaseSet, y: np.ndarray, logits: np.ndarray, temperat
                 groups[v] = {"n": int(sel.sum()), "result": "too few cases"}
             else:
                 groups[v] = split_metrics(y[sel], logits[sel], temperature, threshold, n_boot=200, seed=seed,
-                                          names=names)
+                                          names=names, bias=bias)
         out[key] = groups
     return out
 
@@ -182,9 +200,12 @@ def run_evaluate(params: Params, models_dir: Path | str | None = None, ingest_di
     rule = fit_rule(held.views.mean(axis=0), y_held, names, cfg)
     test_logits = tv.mean(axis=(0, 1))
     T, thr = rule.temperature, (rule.label_thresholds if rule.multi_label else rule.threshold)
-    result = {held_name: split_metrics(y_held, held.views.mean(axis=0), T, thr, cfg.n_bootstrap, params.seed, names),
-              "test": split_metrics(y_test, test_logits, T, thr, cfg.n_bootstrap, params.seed, names)}
-    result["calibration"] = {"temperature": _r(T, 6), "threshold": _r(rule.threshold, 6),
+    b = rule.bias
+    result = {held_name: split_metrics(y_held, held.views.mean(axis=0), T, thr, cfg.n_bootstrap, params.seed, names,
+                                       b),
+              "test": split_metrics(y_test, test_logits, T, thr, cfg.n_bootstrap, params.seed, names, b)}
+    result["calibration"] = {"method": cfg.calibration if b is not None else "temperature", "temperature": _r(T, 6),
+                             "bias": None if b is None else [_r(v, 6) for v in b], "threshold": _r(rule.threshold, 6),
                              "operating_point": cfg.operating_point,
                              "fitted_on": "val" if n_members == 1 else f"out-of-fold ({n_members} folds)",
                              "n_fitted": int(len(y_held)), "tta": cfg.tta}
@@ -196,7 +217,7 @@ def run_evaluate(params: Params, models_dir: Path | str | None = None, ingest_di
         plain = fit_rule(held.views[0], y_held, names, cfg.model_copy(update={"tta": "none"}))
         no_tta = split_metrics(y_test, tv[0].mean(axis=0), plain.temperature,
                                plain.label_thresholds if plain.multi_label else plain.threshold, cfg.n_bootstrap,
-                               params.seed, names)
+                               params.seed, names, plain.bias)
         result["tta_effect"] = {"tta": cfg.tta, "n_views": int(tv.shape[0]), **{
             f"{k}_{tag}": m.get(k) for tag, m in (("without", no_tta), ("with", result["test"]))
             for k in ("auroc", "ece", "ece_calibrated", "brier_calibrated")}}
@@ -214,7 +235,7 @@ def run_evaluate(params: Params, models_dir: Path | str | None = None, ingest_di
                      **referral_summary(y_test, probs_t, dec_t, ref_t)}}
     curve = selective_curve(y_test, probs_t, dec_t, unc_t, rule.margin(probs_t))
     result["subgroups"] = {"test": subgroup_metrics(test, y_test, test_logits, T, thr, cfg.min_subgroup_cases,
-                                                    params.seed, names)}
+                                                    params.seed, names, b)}
     out.mkdir(parents=True, exist_ok=True)
     save_json(ReportDir(out).metrics, result)
     save_json(ReportDir(out).calibration, rule.to_calibration())
@@ -226,7 +247,7 @@ def run_evaluate(params: Params, models_dir: Path | str | None = None, ingest_di
         for name, (columns, rows) in ML.plot_tables(y_test, probs_t, dec_t).items():
             save_csv(ReportDir(out).plots / name, columns, rows)
     else:
-        write_plots(out, y_test, test_logits, T, thr, rule.binary)
+        write_plots(out, y_test, _shifted(test_logits, T, b), T, thr, rule.binary, raw_logits=test_logits)
     save_dict_csv(ReportDir(out).plots / "selective_test.csv", ["coverage", "n", "auroc", "error_rate"], curve)
     _log_mlflow(params, models_dir, out, result, held_name)
     return result

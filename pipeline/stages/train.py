@@ -124,7 +124,8 @@ def resolved(params: Params, network: dict) -> Params:
     c = network["choices"]
     model = params.model.model_copy(update={k: c[k] for k in ("name", "conv1_t_stride", "conv1_t_size", "pool",
                                                               "output_stride", "padding")})
-    train = params.train.model_copy(update={"epochs": int(c["epochs"]), "batch_size": int(c["batch_size"])})
+    train = params.train.model_copy(update={"epochs": int(c["epochs"]), "batch_size": int(c["batch_size"]),
+                                            "select": c["select"]})
     return params.model_copy(update={"model": model, "train": train})
 
 
@@ -160,9 +161,8 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
         raise ResDxError(str(err), code="no_training_data", hint="lower split.folds") from None
     first = members[0].train
     has_masks = any(IngestDir(ingest_dir).mask(c).exists() for c in train.case_ids)
-    counts = first.labels.sum(dim=0) if plan.multi_label else np.bincount(first.labels.numpy())  # multi: positives
-    network = plan_network(list(train.images.shape[2:]), len(first), counts.tolist(), has_masks, params.model,
-                           params.train)
+    network = plan_network(list(train.images.shape[2:]), len(first), _class_counts(first), has_masks, params.model,
+                           params.train, val_counts=_class_counts(members[0].val))
     params = resolved(params, network)
     spec = model_spec(params, train, plan)
     dhash = data_hash(ingest_dir)
@@ -201,6 +201,12 @@ def member_data_id(member: Member, plan: Plan, case_hash: dict[str, str]) -> str
     rows = [f"{s}:{c}:{';'.join(map(str, y)) if isinstance(y, list) else int(y)}:{case_hash.get(c, '')}"
             for s, cs in (("t", member.train), ("v", member.val)) for c, y in zip(cs.case_ids, cs.labels.tolist())]
     return hashlib.blake2b(("\n".join([plan.hash(), *rows])).encode(), digest_size=12).hexdigest()
+
+
+def _class_counts(cases: CaseSet) -> list[int]:
+    """Cases per class (single-label) or positives per label (multi-label)."""
+    y = cases.labels.cpu()
+    return [int(v) for v in (y.sum(dim=0) if y.ndim == 2 else torch.bincount(y))]
 
 
 def _to_device(m: Member, device: torch.device) -> Member:
@@ -303,7 +309,11 @@ def _fit_member(params: Params, spec: ModelSpec, member: Member, plan: Plan, dha
                 best, best_epoch, since = score, epoch, 0
             else:
                 since += 1
-            finished = since >= t.patience or epoch == t.epochs - 1
+            if t.select == "last":  # the annealed last epoch is kept: a small val set would only add its noise
+                improved, best_epoch = True, epoch
+                finished = epoch == t.epochs - 1
+            else:
+                finished = since >= t.patience or epoch == t.epochs - 1
             if log:
                 import mlflow
 
