@@ -125,3 +125,5 @@ def test_the_ensemble_is_registered_served_and_explained(kfold, evaluated, demo_
     run_explain(params, case_ids=[test_case])
     explained = next(csv.DictReader((tmp / "explain/cases.csv").open()))
     assert explained["case_id"] == test_case and explained["overlay"]
+    assert float(explained["uncertainty"]) > 0 and explained["referred"] in ("0", "1")  # 24 views disagree a little
+    assert explained["decision"] == str(rec["decision"]["index"])

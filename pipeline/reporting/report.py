@@ -134,6 +134,7 @@ def _case(index: int, case: Mapping) -> dict:
         "overlay_path": case.get("overlay_path", F.DASH),
         "prob": F.fmt(prob),
         "unc": F.fmt(unc),
+        "referred": bool(case.get("referred")),
         "prob_attr": repr(prob) if prob is not None else "",
         "unc_attr": repr(unc) if unc is not None else "",
         "correct_attr": "1" if correct is True else ("0" if correct is False else ""),

@@ -73,6 +73,7 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
             x = data.images[n]
             side = read_sidecar(ingest_dir, cid)
             ex = explain_case(clf, x, cfg.class_index, cfg.method, cfg.target_layer, cfg.shifts)
+            assessed = clf.assess(x.unsqueeze(0))  # the views' spread and the referral, as evaluate and predict
             centered = not rule.multi_label
             cam_rand = class_map(rand, x.unsqueeze(0).float(), ex.explained_class, cfg.method, cfg.target_layer,
                                  cfg.shifts, centered)
@@ -100,7 +101,8 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
             cases.append({
                 "case_id": cid, "split": split, "label": label, "class_name": label_name, "probability": p_shown,
                 "decision": decision, "explained_class": cls,
-                "correct": correct, "uncertainty": float(1.0 - abs(2.0 * p_shown - 1.0)),
+                "correct": correct, "uncertainty": float(assessed.uncertainty[0]),
+                "referred": bool(assessed.referred[0]),
                 "images": [orthogonal_views(x[0].numpy(), ex.cam, title)], "overlay_path": rel,
             })
     sanity = S.summarize(rand_stats, loc)
@@ -110,9 +112,9 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
     write_report(out / "report.html", _report_summary(params, info, sanity), cases)
     contact_sheet(cases, out / "contact_sheet.png")
     save_csv(out / "cases.csv", ["case_id", "split", "label", "calibrated_probability", "decision",
-                                 "explained_class", "overlay"],
+                                 "explained_class", "overlay", "uncertainty", "referred"],
              [[c["case_id"], c["split"], c["label"], f"{c['probability']:.6f}", c["decision"], c["explained_class"],
-               c["overlay_path"]] for c in cases])
+               c["overlay_path"], f"{c['uncertainty']:.6f}", int(c["referred"])] for c in cases])
     _log_mlflow(params, out, sanity, cases)
     return {"n_cases": len(cases), "sanity": sanity, "report": str(out / "report.html")}
 
