@@ -109,7 +109,8 @@ def train(
     out: Path | None = typer.Option(None, "--out", "-o", help="Model folder (default: train.out_dir)."),
     params: Path = PARAMS_OPT,
 ) -> None:
-    """Train the configured model (MONAI ResNet 2D/3D or plain_cnn); best checkpoint by val AUROC.
+    """Train the network the plan picks (MONAI ResNet 2D/3D or plain_cnn; model.* overrides), or the
+    K members of a fold ensemble with split.folds K; keeps the best or last epoch (train.select).
 
     Runs on the GPU when there is one (bf16 autocast), else on the CPU (fp32, deterministic).
     For several GPUs: torchrun --nproc_per_node N -m pipeline.cli train
@@ -122,7 +123,11 @@ def train(
     if int(os.environ.get("RANK", "0")) != 0:
         return
     table = Table(title="train summary", show_header=False)
-    table.add_row("model", f"{p.model.name} ({p.model.spatial_dims}D requested) on {s.device}")
+    net = s.network or {}
+    table.add_row("network (plan)", ", ".join(f"{k}={v}" for k, v in net.items()) + f" on {s.device}")
+    if p.split.folds > 1:
+        trained = ", ".join(s.members_trained) or "none (cached)"
+        table.add_row("fold members", f"{p.split.folds}; trained now: {trained}")
     table.add_row("cases train / val", f"{s.n_train} / {s.n_val}")
     table.add_row("best val AUROC", f"{s.best_val_auroc:.4f} (epoch {s.best_epoch})")
     table.add_row("epochs run", f"{s.epochs_run}{' (early stop)' if s.stopped_early else ''}")
@@ -144,14 +149,21 @@ def evaluate(params: Path = PARAMS_OPT) -> None:
     table = Table(title="evaluate summary")
     for col in ("split", "n", "AUROC [95% CI]", "accuracy", "ECE before/after", "Brier"):
         table.add_column(col)
-    for s in ("val", "test"):
+    for s in [k for k in ("val", "oof", "test") if k in r]:  # oof: out of fold, for a K-fold ensemble
         m = r[s]
         ci = m.get("auroc_ci95") or [None, None]
         table.add_row(s, str(m["n"]), f"{m.get('auroc')} [{ci[0]}, {ci[1]}]", str(m.get("accuracy")),
                       f"{m['ece']} / {m['ece_calibrated']}", str(m["brier_calibrated"]))
+    for f in r.get("per_fold", []):
+        table.add_row(f"fold {f['fold']}", str(f["n_held_out"]), f"held out {f['held_out_auroc']}, "
+                      f"test {f['test_auroc']}", "", "", "")
     console.print(table)
-    console.print(f"temperature {r['calibration']['temperature']}, threshold {r['calibration']['threshold']} "
-                  f"({r['calibration']['operating_point']}, fitted on val); outputs in {p.evaluate.out_dir}/")
+    cal, ref = r["calibration"], r["uncertainty"]["referral"]
+    console.print(f"{cal.get('method', 'temperature')}: T {cal['temperature']}, bias {cal.get('bias')}, threshold "
+                  f"{cal['threshold']} ({cal['operating_point']}), fitted on {cal['fitted_on']}; TTA {cal['tta']}")
+    console.print(f"referred to a human: {ref['n_referred']} of {ref['n']} test cases; error rate "
+                  f"{ref['error_rate_all']} on all, {ref['error_rate_automatic']} on the rest; "
+                  f"outputs in {p.evaluate.out_dir}/")
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import mlflow
 import numpy as np
@@ -127,3 +128,23 @@ def test_the_ensemble_is_registered_served_and_explained(kfold, evaluated, demo_
     assert explained["case_id"] == test_case and explained["overlay"]
     assert float(explained["uncertainty"]) > 0 and explained["referred"] in ("0", "1")  # 24 views disagree a little
     assert explained["decision"] == str(rec["decision"]["index"])
+
+
+def test_the_cli_summaries_name_the_folds_and_the_network(kfold, evaluated, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    _, params, _ = kfold
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    runner = CliRunner()
+    train = runner.invoke(app, ["train", "--params", str(path)])
+    assert train.exit_code == 0, train.output
+    flat = re.sub(r"[\s│┃]", "", train.output)  # rich wraps cells at 80 columns
+    assert "conv1_t_stride=2" in flat and "none(cached)" in flat
+    result = runner.invoke(app, ["evaluate", "--params", str(path)])
+    assert result.exit_code == 0, result.output
+    flat = re.sub(r"[\s│┃]", "", result.output)
+    assert "oof" in flat and "fold2" in flat and "out-of-fold(3folds)" in flat and "referredtoahuman" in flat

@@ -161,3 +161,16 @@ def test_temperature_and_bias_remove_a_prior_shift_that_temperature_alone_cannot
     rule = fit_rule(logits, y, ("no", "yes"), cfg)
     assert rule.bias is not None and DecisionRule.from_calibration(rule.to_calibration()) == rule
     np.testing.assert_allclose(rule.probs(logits)[:, 1], both, atol=1e-4)
+
+
+def test_a_perfectly_separated_held_out_set_still_gets_a_finite_calibration():
+    from pipeline.core.calibration import fit_temperature_bias
+
+    y = np.array([0] * 30 + [1] * 33)
+    logits = np.c_[np.zeros(63), np.where(y == 1, 4.0, -4.0) + np.linspace(-1, 1, 63)]  # separable
+    t, b = fit_temperature_bias(logits, y)
+    assert 0.5 < t < 5.0 and abs(b[1]) < 3.0
+    from pipeline.core import metrics as M
+
+    p = M.apply_temperature(logits / t + b, 1.0)[:, 1]
+    assert (p[y == 1] < 0.99).all() and (p[y == 1] > 0.9).all()  # confident, not certain, at n = 33

@@ -165,21 +165,29 @@ def fit_temperature_bias(logits, y, bounds: tuple[float, float] = (1e-2, 1e2)) -
     prior shift, e.g. from class-weighted training or a balanced sampler, moves every logit
     difference by about log(prior ratio), and dividing by T only rescales it.
 
+    The NLL is taken against Platt's smoothed targets: the true class gets (n_k + 1) / (n_k + 2) for
+    a class with n_k held-out cases, the other classes share the rest. With a held-out set the model
+    separates perfectly (the demo's val split) the plain maximum-likelihood fit has no finite optimum
+    (T -> 0, bias -> infinity); the smoothed targets keep it finite and honest about n.
+
     Parameters: ``logits`` (N, K>=2); ``y`` (N,) labels in 0..K-1. Returns (T, b) with b of shape (K,).
-    Starts from the temperature-only optimum; L-BFGS-B over (log T, b[1:]).
+    L-BFGS-B over (log T, b[1:]) from T = 1, b = 0.
     """
     z = _logits(logits)
     y = _labels(y)
     if z.ndim != 2:
         raise ValueError("fit_temperature_bias needs (N, K) class logits")
-    t0 = fit_temperature(z, y, bounds)
     k = z.shape[1]
+    counts = np.bincount(y, minlength=k).astype(float)
+    own = (counts[y] + 1.0) / (counts[y] + 2.0)  # Platt (1999): targets that a finite sample can support
+    targets = np.repeat(((1.0 - own) / (k - 1))[:, None], k, axis=1)
+    targets[np.arange(len(y)), y] = own
 
     def nll(theta: np.ndarray) -> float:
         b = np.concatenate([[0.0], theta[1:]])
-        return _nll_from_logits(z / np.exp(theta[0]) + b, y)
+        return float(-np.mean((targets * special.log_softmax(z / np.exp(theta[0]) + b, axis=1)).sum(axis=1)))
 
-    start = np.concatenate([[np.log(t0)], np.zeros(k - 1)])
+    start = np.zeros(k)
     res = optimize.minimize(nll, start, method="L-BFGS-B",
                             bounds=[(np.log(bounds[0]), np.log(bounds[1]))] + [(-20.0, 20.0)] * (k - 1))
     theta = res.x if res.success and nll(res.x) <= nll(start) else start

@@ -59,6 +59,7 @@ class TrainSummary:
     run_id: str = ""
     history: list = field(default_factory=list)
     members_trained: list = field(default_factory=list)  # members that ran epochs in this call (not cached)
+    network: dict = field(default_factory=dict)  # the network plan's choices (models/plan.json has the reasons)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -180,7 +181,8 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
         best_val_auroc=float(np.mean([f["best"] for f in fits])), best_epoch=fits[0]["best_epoch"],
         epochs_run=max(len(f["history"]) for f in fits), stopped_early=any(f["stopped_early"] for f in fits),
         seconds=time.perf_counter() - t0, device=str(device), n_train=len(first), n_val=len(members[0].val),
-        run_id=run_id, history=hist, members_trained=[f["name"] or "model" for f in fits if f["trained"]])
+        run_id=run_id, history=hist, members_trained=[f["name"] or "model" for f in fits if f["trained"]],
+        network=dict(network["choices"]))
     if rank == 0:
         _export(out, fits, spec, model_plan, params, summary, dhash, members, fold_of)
     if run_id and rank == 0 and params.mlflow.enabled:
