@@ -157,6 +157,8 @@ class Explanation:
     probs: np.ndarray          # calibrated (K,)
     decision: int              # multi-label: the decision on the explained label
     decisions: np.ndarray | None = None  # multi-label: every label's decision (L,)
+    uncertainty: float = 0.0   # the spread over the classifier's views (members x test-time transforms)
+    referred: bool = False     # the rule's referral for this case
 
 
 def explain_case(clf: Classifier, x: torch.Tensor, class_index: int | None = None, method: str = "gradcam",
@@ -164,15 +166,18 @@ def explain_case(clf: Classifier, x: torch.Tensor, class_index: int | None = Non
     """Map of one case `x` (C, *spatial) for the class the calibrated decision chose
     (or a fixed `class_index`), with the given method and shifted re-runs. Multi-label: the most
     probable label decided present (label 0 when none is), its own logit explained."""
-    probs, decision = clf.predict(x.unsqueeze(0))
+    # assess, not predict: the same views give the decision, its spread and the referral in one pass.
+    a = clf.assess(x.unsqueeze(0))
+    probs, decision, extra = a.probs, a.decisions, {"uncertainty": float(a.uncertainty[0]),
+                                                     "referred": bool(a.referred[0])}
     multi = clf.rule.multi_label
     chosen = clf.rule.explained_label(probs[0], decision[0]) if multi else int(decision[0])
     cls = explained_class(chosen, class_index)
     device = next(clf.model.parameters()).device  # the served model may sit on a GPU, the tensor on the host
     cam = class_map(clf.model, x.unsqueeze(0).float().to(device), cls, method, target_layer, shifts, not multi)
     if multi:
-        return Explanation(cam, cls, probs[0], int(decision[0][cls]), decision[0])
-    return Explanation(cam, cls, probs[0], int(decision[0]))
+        return Explanation(cam, cls, probs[0], int(decision[0][cls]), decision[0], **extra)
+    return Explanation(cam, cls, probs[0], int(decision[0]), **extra)
 
 
 def _slice_mil_cam(model: SliceMIL, xb: torch.Tensor, cls: int, method: str, target_layer: str,

@@ -73,7 +73,6 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
             x = data.images[n]
             side = read_sidecar(ingest_dir, cid)
             ex = explain_case(clf, x, cfg.class_index, cfg.method, cfg.target_layer, cfg.shifts)
-            assessed = clf.assess(x.unsqueeze(0))  # the views' spread and the referral, as evaluate and predict
             centered = not rule.multi_label
             cam_rand = class_map(rand, x.unsqueeze(0).float(), ex.explained_class, cfg.method, cfg.target_layer,
                                  cfg.shifts, centered)
@@ -101,8 +100,8 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
             cases.append({
                 "case_id": cid, "split": split, "label": label, "class_name": label_name, "probability": p_shown,
                 "decision": decision, "explained_class": cls,
-                "correct": correct, "uncertainty": float(assessed.uncertainty[0]),
-                "referred": bool(assessed.referred[0]),
+                "correct": correct, "uncertainty": ex.uncertainty,
+                "referred": ex.referred,
                 "images": [orthogonal_views(x[0].numpy(), ex.cam, title)], "overlay_path": rel,
             })
     sanity = S.summarize(rand_stats, loc)
