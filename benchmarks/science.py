@@ -87,11 +87,19 @@ def run_recipe(raw: dict, work: Path, recipe: str, folds: int, progress: bool) -
     t0 = time.perf_counter()
     s = run_train(p, progress=progress)
     seconds = time.perf_counter() - t0
-    m = run_evaluate(p)
+    run_evaluate(p)
+    return rows_from(work / recipe / "models", work / recipe / "reports", recipe, raw["split"]["folds"], seconds,
+                     s.members_trained)
+
+
+def rows_from(models: Path, reports: Path, recipe: str, folds: int, seconds: float, members_trained: int) -> dict:
+    """The "without" and "with" TTA rows of one trained and evaluated recipe, read from its outputs
+    (so a `dvc exp run` of the same recipe gives the same row)."""
+    m = json.loads((reports / "metrics.json").read_text())
     test, effect = m["test"], m["tta_effect"]
-    network = json.loads((work / recipe / "models/plan.json").read_text())["network"]["choices"]
-    common = {"recipe": recipe, "folds": raw["split"]["folds"], "train_seconds": round(seconds, 1),
-              "members_trained": s.members_trained, "network": network,
+    network = json.loads((models / "plan.json").read_text())["network"]["choices"]
+    common = {"recipe": recipe, "folds": folds, "train_seconds": round(seconds, 1),
+              "members_trained": members_trained, "network": network,
               "calibration": m["calibration"], "referral": m["uncertainty"]["referral"]}
     without = dict(common, tta=False, auroc=effect["auroc_without"], ece=effect["ece_without"],
                    ece_calibrated=effect["ece_calibrated_without"])

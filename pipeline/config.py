@@ -209,7 +209,9 @@ class TrainConfig(_Strict):
 class ReferralConfig(_Strict):
     """When a case goes to a human instead of an automatic decision (recorded with the model)."""
 
-    band: float = Field(0.1, ge=0.0, le=0.5)  # decision margin below this: |p - threshold| < band
+    # within this band of the threshold: its probability half-width at threshold 0.5, the same log-odds
+    # width at any other threshold (0.1: 0.4-0.6 at 0.5, 0.885-0.945 at 0.92; DecisionRule.refer_margin)
+    band: float = Field(0.1, ge=0.0, le=0.5)
     max_spread: float | None = Field(0.15, gt=0.0)  # views' std of the probability above this
 
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from scipy.special import expit
+from scipy.special import expit, logit
 from sklearn.metrics import roc_auc_score
 
 from pipeline.config import EvaluateConfig, RegisterConfig
@@ -42,7 +42,7 @@ def test_rule_gives_independent_sigmoids_and_per_label_decisions():
     assert not np.allclose(p.sum(axis=1)[1:], 1.0)  # sigmoids, not a softmax
     assert rule.decide(p).tolist() == [[1, 0], [1, 1], [1, 0]]  # p >= 0.3 / p >= 0.6 per label
     assert not rule.binary and rule.multi_label  # two labels are not a binary softmax model
-    assert rule.margin(p) == pytest.approx(np.abs(p - [0.3, 0.6]).min(axis=1))
+    assert rule.margin(p) == pytest.approx(np.abs(logit(p) - logit([0.3, 0.6])).min(axis=1))  # log-odds
     assert rule.label_margins(p).shape == (3, 2)
     assert "each label" in rule.rule_text()
 

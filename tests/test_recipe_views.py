@@ -104,6 +104,23 @@ def test_referral_takes_cases_near_the_threshold_or_with_a_large_spread():
     assert back == rule
 
 
+def test_the_referral_band_has_one_log_odds_width_at_every_threshold():
+    # At 0.5 the band is p 0.4-0.6; at a threshold of 0.92 the same log-odds width is p 0.885-0.945, not
+    # 0.82-1.0 (a probability band there referred 87% of a real test set).
+    rule = DecisionRule(1.0, 0.92, ("no", "yes"), refer_band=0.1, refer_spread=None)
+    assert rule.refer_margin == pytest.approx(np.log(0.6 / 0.4))
+    p1 = np.array([0.8, 0.85, 0.89, 0.92, 0.94, 0.96, 0.99])
+    referred = rule.refer(np.c_[1 - p1, p1], np.zeros(len(p1)))
+    assert referred.tolist() == [False, False, True, True, True, False, False]
+    at_half = DecisionRule(1.0, 0.5, ("no", "yes"), refer_band=0.1, refer_spread=None)
+    q = np.array([0.39, 0.41, 0.59, 0.61])
+    assert at_half.refer(np.c_[1 - q, q], np.zeros(4)).tolist() == [False, True, True, False]
+    # Without a threshold (argmax) the margin is log(p_first / p_second): the same number at 0.5.
+    argmax = DecisionRule(1.0, None, ("a", "b", "c"), refer_band=0.1, refer_spread=None)
+    assert argmax.margin(np.array([[0.55, 0.45, 0.0]]))[0] == pytest.approx(at_half.margin(np.array([[0.45, 0.55]]))[0])
+    assert DecisionRule(1.0, 0.5, ("no", "yes"), refer_band=0.5).refer(np.array([[0.0, 1.0]]), np.zeros(1)).all()
+
+
 def test_the_selective_curve_keeps_the_most_certain_cases_first():
     y = np.array([1, 0, 1, 0])
     probs = np.array([[0.1, 0.9], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])  # the last two are wrong

@@ -114,7 +114,8 @@ def predict_one(impl, path: Path | str, modality: str | None = None) -> tuple[di
         decision = {"class": impl.class_names[k], "index": k, "rule": rule.rule_text(),
                     "threshold": rule.threshold if rule.binary else None}
         margin = float(rule.margin(a.probs)[0])
-        why = [f"decision margin {margin:.3f} < {rule.refer_band:g}"] if margin < rule.refer_band else []
+        why = [f"decision margin {margin:.3f} < {rule.refer_margin:.3f} log-odds (band {rule.refer_band:g})"
+               ] if margin < rule.refer_margin else []
     if rule.refer_spread is not None and a.uncertainty[0] > rule.refer_spread:
         why.append(f"views' spread {a.uncertainty[0]:.3f} > {rule.refer_spread:g}")
     rec.update(status="ok", modality=prep.modality, notes=prep.notes, decision=decision,
@@ -122,7 +123,8 @@ def predict_one(impl, path: Path | str, modality: str | None = None) -> tuple[di
                uncertainty={"spread": float(a.uncertainty[0]), "n_views": a.n_views, "tta": rule.tta,
                             "measure": "std of the calibrated probability over fold members x test-time views"},
                referral={"refer": bool(a.referred[0]), "reasons": why,
-                         "rule": {"band": rule.refer_band, "max_spread": rule.refer_spread}})
+                         "rule": {"band": rule.refer_band, "margin_log_odds": rule.refer_margin,
+                                  "max_spread": rule.refer_spread}})
     return rec, prep
 
 
@@ -133,8 +135,8 @@ def _label_decisions(impl, a) -> tuple[dict, list[str]]:
     labels = {n: {"decision": int(d), "probability": float(p), "threshold": float(t), "margin": float(m)}
               for n, d, p, t, m in zip(names, decided, probs, rule.label_thresholds, margins)}
     decision = {"positive": [n for n, d in zip(names, decided) if d], "labels": labels, "rule": rule.rule_text()}
-    why = [f"{n}: decision margin {m:.3f} < {rule.refer_band:g}" for n, m in zip(names, margins)
-           if m < rule.refer_band]
+    why = [f"{n}: decision margin {m:.3f} < {rule.refer_margin:.3f} log-odds (band {rule.refer_band:g})"
+           for n, m in zip(names, margins) if m < rule.refer_margin]
     return decision, why
 
 
