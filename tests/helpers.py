@@ -121,6 +121,24 @@ def ingest_params(root: Path, seed: int | None = 0, **ingest):
     return params_from_dict(raw)
 
 
+def synthetic_task_cohort(tmp: Path, task: str, names: list[str], lesion_fraction: float):
+    """12 synthetic patients x 2-3 studies of `task` (seed 7), ingested at 24^3 / 10 mm (seed 3) into
+    `tmp`/ing: (synthesis summary, its config, the ingest folder, the data section naming `names`)."""
+    from pipeline.config import SynthesizeConfig
+    from pipeline.stages.ingest import run_ingest
+    from pipeline.stages.synthesize import synthesize
+
+    cfg = SynthesizeConfig(out_dir=tmp / "data", manifest=tmp / "manifests" / "demo.csv", n_patients=12,
+                           studies_per_patient=(2, 3), lesion_fraction=lesion_fraction, task=task)
+    summary = synthesize(cfg, seed=7)
+    ing, data = tmp / "ing", {"manifest": str(cfg.manifest), "class_names": names}
+    run_ingest(params_from_dict({
+        "seed": 3, "data": data,
+        "ingest": {"out_dir": str(ing), "cache_dir": str(tmp / "cache"), "splits_file": None,
+                   "spacing": [10.0, 10.0, 10.0], "shape": [24, 24, 24], "workers": 2}}), progress=False)
+    return summary, cfg, ing, data
+
+
 # ----------------------------------------------------------------------------- training
 def train_params(tmp: Path, ingest_dir: Path, *, train: dict | None = None, **sections):
     """Params of `conftest.tiny_params` (a fast CPU run), `train` overriding its train keys and `sections`

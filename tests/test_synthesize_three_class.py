@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
-from helpers import read_index, train_params
+from helpers import read_index, synthetic_task_cohort, train_params
 
-from pipeline.config import SynthesizeConfig, params_from_dict
 from pipeline.stages.synthesize import CLASS_NAMES
 
 NAMES = ["no lesion", "hyperdense", "hypodense"]
@@ -19,24 +18,14 @@ NAMES = ["no lesion", "hyperdense", "hypodense"]
 def test_three_class_cohort_trains_and_evaluates(tmp_path):
     from pipeline.io.checkpoint import load_checkpoint
     from pipeline.stages.evaluate import run_evaluate
-    from pipeline.stages.ingest import run_ingest
-    from pipeline.stages.synthesize import synthesize
     from pipeline.stages.train import run_train
 
     # 12 patients x 2-3 studies, two thirds with a lesion: ~10 studies per class, and (this seed) all
     # three classes in val and in test, so the test split gets macro/micro one-vs-rest AUROC.
-    cfg = SynthesizeConfig(out_dir=tmp_path / "data", manifest=tmp_path / "manifests" / "demo.csv",
-                           n_patients=12, studies_per_patient=(2, 3), lesion_fraction=0.67, task="three_class")
-    summary = synthesize(cfg, seed=7)
+    summary, cfg, ing, data = synthetic_task_cohort(tmp_path, "three_class", NAMES, lesion_fraction=0.67)
     assert list(summary.class_names) == NAMES == list(CLASS_NAMES["three_class"])
     assert min(summary.label_counts) >= 8, summary.label_counts
 
-    ing = tmp_path / "ing"
-    data = {"manifest": str(cfg.manifest), "class_names": NAMES}
-    run_ingest(params_from_dict({
-        "seed": 3, "data": data,
-        "ingest": {"out_dir": str(ing), "cache_dir": str(tmp_path / "cache"), "splits_file": None,
-                   "spacing": [10.0, 10.0, 10.0], "shape": [24, 24, 24], "workers": 2}}), progress=False)
     plan = json.loads((ing / "plan.json").read_text())
     assert plan["n_classes"] == 3 and plan["class_names"] == NAMES
     rows = [r for r in read_index(ing) if r["status"] == "ok"]

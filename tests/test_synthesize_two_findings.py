@@ -10,10 +10,9 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from helpers import read_index, train_params
+from helpers import read_index, synthetic_task_cohort, train_params
 from scipy.special import expit
 
-from pipeline.config import SynthesizeConfig, params_from_dict
 from pipeline.stages.synthesize import CLASS_NAMES
 
 NAMES = ["hyperdense", "hypodense"]
@@ -29,18 +28,14 @@ def test_two_findings_cohort_trains_evaluates_and_serves(tmp_path):
     from pipeline.sources.manifest import read_manifest
     from pipeline.stages.evaluate import run_evaluate
     from pipeline.stages.explain import run_explain
-    from pipeline.stages.ingest import run_ingest
     from pipeline.stages.predict import run_predict
     from pipeline.stages.register import run_register
-    from pipeline.stages.synthesize import synthesize
     from pipeline.stages.train import run_train
     from pipeline.tracking.runs import experiment_name
 
     # 12 patients x 2-3 studies; each finding in half of them, independently: (this seed) every label
     # combination in val and both classes of each finding in test.
-    cfg = SynthesizeConfig(out_dir=tmp_path / "data", manifest=tmp_path / "manifests" / "demo.csv",
-                           n_patients=12, studies_per_patient=(2, 3), lesion_fraction=0.5, task="two_findings")
-    summary = synthesize(cfg, seed=7)
+    summary, cfg, ing, data = synthetic_task_cohort(tmp_path, "two_findings", NAMES, lesion_fraction=0.5)
     assert list(summary.class_names) == NAMES == list(CLASS_NAMES["two_findings"])
     assert summary.label_counts == (round(summary.n_studies / 2),) * 2
     manifest = [r for r in csv.DictReader(cfg.manifest.open())]
@@ -49,12 +44,6 @@ def test_two_findings_cohort_trains_evaluates_and_serves(tmp_path):
     both = [c for c in truth["cases"] if c["label"] == [1, 1]]
     assert both and all(c["second_lesion_centre_ras"] and c["second_lesion_contrast"] < 0 for c in both)
 
-    ing = tmp_path / "ing"
-    data = {"manifest": str(cfg.manifest), "class_names": NAMES}
-    run_ingest(params_from_dict({
-        "seed": 3, "data": data,
-        "ingest": {"out_dir": str(ing), "cache_dir": str(tmp_path / "cache"), "splits_file": None,
-                   "spacing": [10.0, 10.0, 10.0], "shape": [24, 24, 24], "workers": 2}}), progress=False)
     plan = json.loads((ing / "plan.json").read_text())
     assert plan["task"] == "multi_label" and plan["n_classes"] == 2 and plan["class_names"] == NAMES
     rows = [r for r in read_index(ing) if r["status"] == "ok"]
