@@ -34,8 +34,14 @@ def _quiet_libraries() -> None:
 
 
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of a failure.")) -> None:
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of a failure, and log the "
+                                         "library errors behind `unexpected_error` reasons to stderr.")) -> None:
     _DEBUG["on"] = debug
+    if debug:  # stays on this machine's terminal: library texts can quote paths and header values
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("pipeline").setLevel(logging.DEBUG)
 
 
 def _params(path: Path):
@@ -270,6 +276,8 @@ def convert(
     src: Path = typer.Argument(..., help="A DICOM series folder (or one DICOM file, e.g. a mosaic)."),
     out: Path = typer.Argument(..., help="Output .nii or .nii.gz."),
     series_uid: str | None = typer.Option(None, help="Pick this SeriesInstanceUID when SRC holds several."),
+    max_gib: float = typer.Option(700 / 1024, help="Refuse a series whose volume (as float32), or any one file's "
+                                  "decoded pixels, would need more than this many GiB (ingest.max_case_bytes)."),
 ) -> None:
     """Convert one DICOM series to NIfTI in its native grid (no resampling), like dcm2niix."""
     from pipeline.errors import RejectedCase
@@ -277,7 +285,7 @@ def convert(
 
     _quiet_libraries()
     try:
-        vol = run(src, out, series_uid)
+        vol = run(src, out, series_uid, max_bytes=int(max_gib * 2**30))
     except RejectedCase as err:
         console.print(f"[red]cannot convert:[/] {err.reason} [dim]({err.code})[/]")
         raise typer.Exit(1) from None

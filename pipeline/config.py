@@ -139,6 +139,10 @@ class IngestConfig(_Strict):
     # Multi-volume series (fMRI, DWI): reject (null) or keep this 0-based volume.
     take_volume: int | None = None
     min_slices: int = Field(3, ge=1)
+    # Resource ceilings per case (README "What ingest guarantees"): the most bytes one float32 array of
+    # a case may take (700 MiB = a 700-slice 512x512 CT), and the seconds one case may run.
+    max_case_bytes: int = Field(734003200, ge=1 << 20)
+    case_timeout_s: float = Field(300.0, gt=0)
     ct: CTIntensity = CTIntensity()
     mr: MRIntensity = MRIntensity()
 

@@ -37,6 +37,18 @@ class RejectedCase(ResDxError):
         self.reason = reason
 
 
+def unexpected_reason(err: BaseException, doing: str, case_id: str = "") -> str:
+    """The reason text for an unexpected failure of one case: a fixed sentence with the error type only.
+
+    The library's own message can quote a file's path or header values (PHI); it goes to the
+    ``pipeline`` debug log on this machine (``resdx --debug``), never to an output.
+    """
+    import logging
+
+    logging.getLogger("pipeline").debug("case %s: %s failed", case_id or "?", doing, exc_info=err)
+    return f"{type(err).__name__} while {doing} (an error in ResDx or a library; `resdx --debug` logs it)"
+
+
 # Failures of a whole command, each its own class (callers catch it by name): base, code, what to do.
 _KINDS: dict[str, tuple[type, str, str]] = {
     "ConfigError": (ValueError, "bad_params", "fix the named key in configs/params.yaml (or the -S override)"),
@@ -52,5 +64,7 @@ ConfigError, ManifestError, IngestFailed, MissingInput, PlanError, RegistryError
     for name, (base, code, hint) in _KINDS.items())
 
 
+# The error classes (tests/test_config_cli.py checks each has a code and a hint); `unexpected_reason` is
+# imported by name.
 __all__ = ["ResDxError", "RejectedCase", "ConfigError", "ManifestError", "IngestFailed", "MissingInput",
            "PlanError", "RegistryError"]

@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.config import Params
+from pipeline.core.limits import DEFAULT_MAX_CASE_BYTES
 from pipeline.errors import PlanError
 
 PLAN_VERSION = 2
@@ -35,6 +36,9 @@ class ReaderSettings(_Part):
     take_volume: int | None = None
     min_slices: int = 3
     ct_foreground_hu: float = -500.0
+    # The most bytes one float32 array of a case may take (native volume, decoded file, resampled
+    # grid); anything larger is refused before it is allocated (`too_large`). Not a tensor decision.
+    max_case_bytes: int = DEFAULT_MAX_CASE_BYTES
 
 
 class Fingerprint(_Part):
@@ -140,7 +144,8 @@ class Plan(BaseModel):
     def decisions(self) -> dict:
         keep = ("version", "source", "mode", "shape", "channels", "orientation", "target_spacing", "fit",
                 "anisotropy_threshold", "slices_per_case", "reader", "ct", "mr", "arrays")
-        return self.model_dump(mode="json", include=set(keep))
+        # A resource ceiling refuses cases; it never changes a tensor, so it stays out of the hash.
+        return self.model_dump(mode="json", include=set(keep), exclude={"reader": {"max_case_bytes"}})
 
     def hash(self) -> str:
         """Hash of the decisions that shape tensors (not of counts or provenance)."""
@@ -179,7 +184,7 @@ def load_plan(path: Path | str) -> Plan:
 def reader_settings(params: Params) -> ReaderSettings:
     cfg = params.ingest
     return ReaderSettings(take_volume=cfg.take_volume, min_slices=cfg.min_slices,
-                          ct_foreground_hu=cfg.ct.foreground_hu)
+                          ct_foreground_hu=cfg.ct.foreground_hu, max_case_bytes=cfg.max_case_bytes)
 
 
 def _spacing(prep: dict) -> np.ndarray:

@@ -17,6 +17,7 @@ import nibabel.orientations as nio
 import numpy as np
 from scipy import ndimage
 
+from pipeline.core.limits import DEFAULT_MAX_CASE_BYTES, require_fits
 from pipeline.core.volume import Volume
 
 if TYPE_CHECKING:
@@ -36,7 +37,8 @@ def is_sheared(affine: np.ndarray) -> bool:
     return bool(np.max(np.abs(gram - np.eye(3))) > SHEAR_TOL)
 
 
-def deshear(data: np.ndarray, affine: np.ndarray, fill: float) -> tuple[np.ndarray, np.ndarray]:
+def deshear(data: np.ndarray, affine: np.ndarray, fill: float,
+            max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Resample a sheared grid (gantry tilt) onto an orthogonal one covering the same region.
 
     The in-plane axes are kept; the slice axis becomes the true normal, with the slice
@@ -55,10 +57,11 @@ def deshear(data: np.ndarray, affine: np.ndarray, fill: float) -> tuple[np.ndarr
     lo, hi = np.floor(in_out.min(axis=1)), np.ceil(in_out.max(axis=1))
     out_aff = out_aff @ _translate(lo)
     shape = tuple(int(b - a) + 1 for a, b in zip(lo, hi))
+    require_fits(shape, 4, max_bytes, "the de-sheared (tilt-corrected) grid")
     mapping = np.linalg.inv(affine) @ out_aff  # output voxel -> input voxel
     out = ndimage.affine_transform(data, mapping[:3, :3], offset=mapping[:3, 3], output_shape=shape,
-                                   order=1, mode="constant", cval=fill)
-    return out.astype(np.float32), out_aff
+                                   order=1, mode="constant", cval=fill, output=np.float32)
+    return out, out_aff
 
 
 def _translate(offset) -> np.ndarray:
@@ -75,15 +78,55 @@ def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     ornt = nio.io_orientation(affine)
     out = nio.apply_orientation(data, ornt)
     new_aff = affine @ nio.inv_ornt_aff(ornt, data.shape[:3])
-    return np.ascontiguousarray(out, dtype=np.float32), new_aff
+    # A view (flips and transposes), not a copy: a second full-size volume would double the peak.
+    return out.astype(np.float32, copy=False), new_aff
 
 
 def target_shape(shape, spacing, target_spacing) -> tuple[int, int, int]:
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))
 
 
+SPLINE_PAD = 12  # scipy's own padding before a spline prefilter with mode "nearest"
+
+
+def edge_pad(data: np.ndarray, pad: int) -> np.ndarray:
+    """`np.pad(data, pad, mode="edge")` as float32, written straight into one new array (np.pad of an
+    int16 or memory-mapped volume would first make a full float32 copy, then the padded one)."""
+    out = np.empty([n + 2 * pad for n in data.shape[:3]], dtype=np.float32)
+    inner = tuple(slice(pad, pad + n) for n in data.shape[:3])
+    out[inner] = data
+    for axis, n in enumerate(data.shape[:3]):  # axis by axis, as np.pad: corners come out the same
+        def at(sl, axis=axis):
+            return tuple(sl if a == axis else slice(None) for a in range(3))
+        out[at(slice(0, pad))] = out[at(slice(pad, pad + 1))]
+        out[at(slice(pad + n, None))] = out[at(slice(pad + n - 1, pad + n))]
+    return out
+
+
+def zoom(data: np.ndarray, new_shape, order: int) -> np.ndarray:
+    """`scipy.ndimage.zoom(data, ..., mode="nearest", grid_mode=True)` to `new_shape`, in bounded memory.
+
+    scipy prefilters the whole padded input in float64 (2.3x a float32 volume: 1.4 GB for a
+    600x512x512 CT); this does the same edge padding and spline prefilter in float32, in place,
+    then samples with `map_coordinates` at zoom's own grid-mode coordinates.
+    """
+    new_shape = tuple(int(n) for n in new_shape)
+    if order <= 1:
+        return ndimage.zoom(data, np.array(new_shape) / np.array(data.shape[:3]), order=order, mode="nearest",
+                            grid_mode=True).astype(np.float32, copy=False)
+    padded = edge_pad(data, SPLINE_PAD)
+    ndimage.spline_filter(padded, order=order, output=padded, mode="nearest")
+    axes = [(np.arange(m) + 0.5) * (n / m) - 0.5 + SPLINE_PAD for n, m in zip(data.shape[:3], new_shape)]
+    out = np.empty(new_shape, dtype=np.float32)
+    grid = np.meshgrid(axes[0], axes[1], np.zeros(1), indexing="ij")
+    for k, z in enumerate(axes[2]):  # one output slice at a time: coordinates stay small
+        coords = np.stack([grid[0][..., 0], grid[1][..., 0], np.full(new_shape[:2], z)])
+        out[:, :, k] = ndimage.map_coordinates(padded, coords, order=order, mode="nearest", prefilter=False)
+    return out
+
+
 def resample(data: np.ndarray, affine: np.ndarray, new_shape, anisotropy_threshold: float = 3.0,
-             ) -> tuple[np.ndarray, np.ndarray, dict]:
+             max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> tuple[np.ndarray, np.ndarray, dict]:
     """Resample to `new_shape` over the same field of view (voxel corners aligned).
 
     nnU-Net's rule: cubic spline in general, but when the source is anisotropic (largest
@@ -94,19 +137,19 @@ def resample(data: np.ndarray, affine: np.ndarray, new_shape, anisotropy_thresho
     factors = np.array(new_shape) / np.array(data.shape[:3])
     info = {"order": 3, "coarse_axis": None}
     if np.allclose(factors, 1.0):
-        return data, affine, info
+        return data.astype(np.float32, copy=False), affine, info
+    require_fits(new_shape, 4, max_bytes, "the resampled grid (check the voxel spacing in the header)")
+    require_fits([n + 2 * SPLINE_PAD for n in data.shape[:3]], 4, max_bytes, "the resampling's working copy")
     aniso = spacing.max() / spacing.min() > anisotropy_threshold
     if aniso:
         axis = int(np.argmax(spacing))
         info = {"order": 3, "coarse_axis": axis, "coarse_order": 0}
-        in_plane = factors.copy()
-        in_plane[axis] = 1.0
-        tmp = ndimage.zoom(data, in_plane, order=3, mode="nearest", grid_mode=True)
-        through = np.ones(3)
-        through[axis] = factors[axis]
-        out = ndimage.zoom(tmp, through, order=0, mode="nearest", grid_mode=True)
+        in_plane = np.array(new_shape)
+        in_plane[axis] = data.shape[axis]
+        require_fits(in_plane, 4, max_bytes, "the in-plane resampled grid")
+        out = zoom(zoom(data, in_plane, order=3), new_shape, order=0)
     else:
-        out = ndimage.zoom(data, factors, order=3, mode="nearest", grid_mode=True)
+        out = zoom(data, new_shape, order=3)
     scale = np.array(data.shape[:3]) / np.array(out.shape[:3])
     step = np.eye(4)
     step[:3, :3] = np.diag(scale)
@@ -168,11 +211,12 @@ def resample_to_grid(data: np.ndarray, affine: np.ndarray, out_shape, out_affine
                                     order=order, mode="constant", cval=fill).astype(np.float32)
 
 
-def volume_to_canonical(volume: Volume, fill: float) -> tuple[np.ndarray, np.ndarray]:
+def volume_to_canonical(volume: Volume, fill: float,
+                        max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Native volume -> RAS-canonical array, de-shearing tilted stacks first."""
     data, affine = volume.data, volume.affine
     if is_sheared(affine):
-        data, affine = deshear(data, affine, fill)
+        data, affine = deshear(data, affine, fill, max_bytes)
     return to_canonical(data, affine)
 
 
@@ -185,9 +229,10 @@ def canonical_fill(modality: str, data: np.ndarray) -> float:
     return CT_AIR_HU if modality == "CT" else float(data.min())
 
 
-def canonicalize(volume: Volume, modality: str) -> tuple[np.ndarray, np.ndarray]:
+def canonicalize(volume: Volume, modality: str,
+                 max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Step 1 (cached by ingest): native volume -> RAS-canonical array and affine."""
-    return volume_to_canonical(volume, fill=canonical_fill(modality, volume.data))
+    return volume_to_canonical(volume, fill=canonical_fill(modality, volume.data), max_bytes=max_bytes)
 
 
 def apply_plan(data: np.ndarray, affine: np.ndarray, modality: str, plan: Plan) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -195,7 +240,7 @@ def apply_plan(data: np.ndarray, affine: np.ndarray, modality: str, plan: Plan) 
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     shape = tuple(plan.shape)
     new_shape = shape if plan.fit == "resize" else target_shape(data.shape, spacing, plan.target_spacing)
-    out, aff, rinfo = resample(data, affine, new_shape, plan.anisotropy_threshold)
+    out, aff, rinfo = resample(data, affine, new_shape, plan.anisotropy_threshold, plan.reader.max_case_bytes)
     stats: dict = {"resampling": rinfo}
     if modality == "CT":
         ct = plan.ct
@@ -254,7 +299,7 @@ def finish_case(data: np.ndarray, affine: np.ndarray, modality: str, plan: Plan,
 
 def preprocess_case(volume: Volume, modality: str, plan: Plan) -> PreparedCase:
     """The one path from a native `Volume` to a model tensor: ingest, predict and serving all use it."""
-    data, affine = canonicalize(volume, modality)
+    data, affine = canonicalize(volume, modality, plan.reader.max_case_bytes)
     case = finish_case(data, affine, modality, plan, volume.data.shape, volume.affine)
     case.notes = list(volume.meta.get("notes", []))
     return case

@@ -27,7 +27,7 @@ def write_overlay_series(source: Path, series_uid: str, native: np.ndarray, case
     from pydicom.dataset import Dataset
 
     from pipeline.io.dicom import read_dicom_series
-    from pipeline.io.dicom_scan import iter_candidate_files, read_header
+    from pipeline.io.dicom_files import iter_candidate_files, read_header
 
     vol = read_dicom_series(source, series_uid=series_uid or None)
     if vol.data.shape[:3] != native.shape:

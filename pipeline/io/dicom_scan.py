@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
+from pipeline.core.limits import DEFAULT_MAX_CASE_BYTES
 from pipeline.errors import RejectedCase
+from pipeline.io.dicom_checks import as_int, check_pixels, check_plane
+from pipeline.io.dicom_files import is_image, no_pixels_reason, read_header, walk_files
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 # Tags with no image (SR, presentation states, KOS, RT structures...) carry no PixelData.
@@ -55,7 +56,8 @@ class ScanResult:
 
     frames: list[Frame] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
-    broken: list = field(default_factory=list)  # (series uid, series number) of images without pixels
+    broken: list = field(default_factory=list)  # (series uid, series number, RejectedCase) per unusable image
+    duplicates: list = field(default_factory=list)  # (first file, second file, its header): one SOP instance twice
     n_files: int = 0
     modality: str = ""
     manufacturer: str = ""
@@ -80,24 +82,6 @@ def _num(value, default: float) -> float:
         return default
 
 
-def _int(value, default: int = 0) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def iter_candidate_files(path: Path) -> list[Path]:
-    """All regular files under `path` (or `path` itself), sorted for a stable order."""
-    if path.is_file():
-        return [path]
-    out = []
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            out.append(Path(root) / name)
-    return sorted(out)
-
-
 def _orientation_key(row: np.ndarray, col: np.ndarray) -> tuple:
     # Rounded to ~0.06 degrees so scanner jitter in the last digits stays one stack.
     return tuple(np.round(np.concatenate([row, col]), 3) + 0.0)
@@ -118,9 +102,9 @@ def _mosaic_tiles(ds: Dataset) -> int:
         value = elem.value
         if isinstance(value, bytes):  # implicit VR private tag: raw little-endian US
             value = int.from_bytes(value[:2], "little")
-        return _int(value)
+        return as_int(value)
     csa = _csa_image(ds)
-    return _int(csa.get("NumberOfImagesInMosaic"), 0) if csa else 0
+    return as_int(csa.get("NumberOfImagesInMosaic"), 0) if csa else 0
 
 
 def _csa_image(ds: Dataset) -> dict:
@@ -148,9 +132,9 @@ def _frames_single(path: Path, ds: Dataset) -> list[Frame]:
         raise RejectedCase("no_geometry", "image without ImagePositionPatient or ImageOrientationPatient")
     if spacing is None:
         raise RejectedCase("no_spacing", "image without PixelSpacing; cannot establish voxel size")
-    row, col = iop[:3], iop[3:]
-    rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
-    series_number = _int(ds.get("SeriesNumber"))
+    row, col = check_plane(ipp, iop, spacing)
+    rows, cols = as_int(ds.get("Rows")), as_int(ds.get("Columns"))
+    series_number = as_int(ds.get("SeriesNumber"))
     echo = _num(ds.get("EchoNumbers"), 0.0)
     localizer = _is_localizer(ds)
     common = dict(
@@ -159,10 +143,10 @@ def _frames_single(path: Path, ds: Dataset) -> list[Frame]:
         slice_thickness=_num(ds.get("SliceThickness"), 0.0) or None,
         series_number=series_number, localizer=localizer,
     )
-    instance = _int(ds.get("InstanceNumber"))
+    instance = as_int(ds.get("InstanceNumber"))
     vol_base = (
-        _int(ds.get("TemporalPositionIdentifier")), _num(ds.get("TriggerTime"), 0.0),
-        _int(ds.get("AcquisitionNumber")),
+        as_int(ds.get("TemporalPositionIdentifier")), _num(ds.get("TriggerTime"), 0.0),
+        as_int(ds.get("AcquisitionNumber")),
     )
     key = (str(ds.get("SeriesInstanceUID", "")), series_number, echo, localizer)
 
@@ -204,14 +188,14 @@ def _fg(group: Dataset | None, seq: str) -> Dataset | None:
 def _frames_multiframe(path: Path, ds: Dataset) -> list[Frame]:
     shared = _fg(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    n = _int(ds.get("NumberOfFrames"), 1)
+    n = as_int(ds.get("NumberOfFrames"), 1)
     if not per_frame:
         raise RejectedCase("legacy_multiframe", f"multi-frame object ({n} frames) without per-frame functional "
                            "groups (e.g. ultrasound, NM or cine): no per-frame geometry to build a volume from")
     if len(per_frame) != n:
         raise RejectedCase("bad_multiframe", f"{n} frames but {len(per_frame)} per-frame functional groups")
-    rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
-    series_number = _int(ds.get("SeriesNumber"))
+    rows, cols = as_int(ds.get("Rows")), as_int(ds.get("Columns"))
+    series_number = as_int(ds.get("SeriesNumber"))
     localizer = _is_localizer(ds)
     frames = []
     for i, pf in enumerate(per_frame):
@@ -226,16 +210,16 @@ def _frames_multiframe(path: Path, ds: Dataset) -> list[Frame]:
             raise RejectedCase("no_geometry", f"multi-frame object: frame {i + 1} has no plane position or orientation")
         if spacing is None:
             raise RejectedCase("no_spacing", f"multi-frame object: frame {i + 1} has no PixelSpacing")
+        row, col = check_plane(ipp, iop, spacing)
         pvt = item("PixelValueTransformationSequence")
         content = _fg(pf, "FrameContentSequence")
         mr_echo = item("MREchoSequence")
         stack_id = str(content.get("StackID", "")) if content else ""
-        temporal = _int(content.get("TemporalPositionIndex")) if content else 0
+        temporal = as_int(content.get("TemporalPositionIndex")) if content else 0
         dim_index = tuple(int(v) for v in (content.get("DimensionIndexValues") or [])) if content else ()
         if isinstance(dim_index, int):
             dim_index = (dim_index,)
         echo = _num(mr_echo.get("EffectiveEchoTime"), 0.0) if mr_echo else 0.0
-        row, col = iop[:3], iop[3:]
         frames.append(Frame(
             file=path, index=i, layout="multiframe", ipp=ipp, row_cos=row, col_cos=col,
             pixel_spacing=(float(spacing[0]), float(spacing[1])), rows=rows, cols=cols,
@@ -250,34 +234,32 @@ def _frames_multiframe(path: Path, ds: Dataset) -> list[Frame]:
     return frames
 
 
-def read_header(path: Path) -> Dataset | None:
-    """Parse a file's header (pixel data deferred); None when it is not DICOM."""
-    try:
-        # defer_size keeps large values (PixelData) on disk until asked for.
-        return pydicom.dcmread(path, defer_size="4 KB")
-    except (InvalidDicomError, EOFError):
-        return None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
-        return None
+def scan(path: Path, max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> ScanResult:
+    """Describe every image frame under `path` (a folder or one file).
 
-
-def scan(path: Path) -> ScanResult:
-    """Describe every image frame under `path` (a folder or one file)."""
+    Per-file problems of a parsed image are kept with its series (`broken`): the caller rejects
+    the case when the series it picks has one, so no slice is ever dropped silently. A second
+    copy of a SOP instance (the same study exported twice) is set aside in `duplicates`.
+    """
     path = Path(path)
     if not path.exists():
         raise RejectedCase("missing_path", "path does not exist")
     if not os.access(path, os.R_OK):
         raise RejectedCase("unreadable_path", "no permission to read the path")
     result = ScanResult()
-    files = iter_candidate_files(path)
+    files, special = walk_files(path)
+    if special:
+        result.skipped["not a regular file (FIFO, socket or device)"] += special
     result.n_files = len(files)
     if not files:
-        raise RejectedCase("empty", "no files in the folder")
+        raise RejectedCase("empty", "no files under the path that can be read (only regular files are)")
     first_error: RejectedCase | None = None
     modalities: Counter = Counter()
     manufacturers: Counter = Counter()
+    colours: Counter = Counter()
+    seen_sop: dict[str, Path] = {}
     for f in files:
-        ds = read_header(f)
+        ds = read_header(f, max_bytes)
         if ds is None:
             result.skipped["not DICOM"] += 1
             continue
@@ -286,18 +268,25 @@ def scan(path: Path) -> ScanResult:
         if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
             result.skipped["DICOMDIR"] += 1
             continue
-        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            if "Rows" in ds and "Columns" in ds:  # an image object that lost its pixels
-                result.skipped["image without pixel data"] += 1
-                result.broken.append((str(ds.get("SeriesInstanceUID", "")), _int(ds.get("SeriesNumber"))))
-            else:
-                result.skipped["no pixel data (non-image object, e.g. SR)"] += 1
+        series = (str(ds.get("SeriesInstanceUID", "")), as_int(ds.get("SeriesNumber")))
+        if not is_image(ds):
+            why = no_pixels_reason(ds)
+            result.skipped[why] += 1
+            if why == "image without pixel data":  # an image object that lost its pixels
+                result.broken.append(series + (RejectedCase("missing_pixel_data", "image file(s) of the chosen "
+                                                            "series have no pixel data"),))
             continue
-        if _int(ds.get("SamplesPerPixel"), 1) != 1:
+        if as_int(ds.get("SamplesPerPixel"), 1) != 1:
+            colours[str(ds.get("PhotometricInterpretation", "?"))] += 1
             result.skipped["colour image (not a grey-scale scan)"] += 1
             continue
+        sop = str(ds.get("SOPInstanceUID", ""))
+        if sop and sop in seen_sop:
+            result.duplicates.append((seen_sop[sop], f, ds))
+            continue
         try:
-            if _int(ds.get("NumberOfFrames"), 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+            check_pixels(ds, max_bytes)
+            if as_int(ds.get("NumberOfFrames"), 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
                 frames = _frames_multiframe(f, ds)
             else:
                 frames = _frames_single(f, ds)
@@ -305,14 +294,21 @@ def scan(path: Path) -> ScanResult:
                 fr.dataset = ds  # shared per file: pixels are read from it later, no second parse
         except RejectedCase as err:
             result.skipped[err.reason] += 1
+            result.broken.append(series + (err,))
             first_error = first_error or err
             continue
+        if sop:
+            seen_sop[sop] = f
         result.frames.extend(frames)
         modalities[str(ds.get("Modality", ""))] += 1
         manufacturers[str(ds.get("Manufacturer", "")).strip()] += 1
     if not result.frames:
         if first_error is not None and len(result.skipped) == 1:
             raise first_error
+        if colours and sum(colours.values()) == sum(result.skipped.values()):
+            kinds = ", ".join(sorted(colours))
+            raise RejectedCase("colour_image", f"the only images are colour (PhotometricInterpretation {kinds}: "
+                               "a secondary capture or screenshot), not a grey-scale scan")
         raise RejectedCase("no_images", f"no usable DICOM image ({_describe_skips(result)})")
     result.modality = modalities.most_common(1)[0][0]
     result.manufacturer = manufacturers.most_common(1)[0][0]

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pydicom
 
+from pipeline.core.limits import DEFAULT_MAX_CASE_BYTES, require_fits
 from pipeline.core.volume import LPS_TO_RAS, Volume
 from pipeline.errors import RejectedCase
+from pipeline.io.dicom_checks import check_inflated_size, check_pixels, read_head
 from pipeline.io.dicom_scan import Frame
 
 POSITION_TOL_MM = 0.01  # positions closer than this along the normal are the same slice
@@ -234,33 +237,42 @@ def _native_pixels(ds) -> np.ndarray | None:
     return arr
 
 
-def decode_pixels(path, ds=None) -> np.ndarray:
+def decode_pixels(path, ds=None, max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> np.ndarray:
     """Stored pixel values of a file as (frames, rows, cols), masked to BitsStored.
 
-    `ds` is the already parsed header with deferred pixel data (read once here).
+    `ds` is the already parsed header with deferred pixel data (read once here). The header's
+    claim is checked against `max_bytes` before a byte is decoded.
     """
     try:
         if ds is None:
-            ds = pydicom.dcmread(path)
+            path = Path(path)
+            check_inflated_size(path, read_head(path), max_bytes)
+            ds = pydicom.dcmread(path, defer_size="4 KB")
+        check_pixels(ds, max_bytes)
         arr = _native_pixels(ds)
         if arr is None:
             arr = ds.pixel_array
     except RejectedCase:
         raise
+    except MemoryError:
+        raise RejectedCase("too_large", "decoding a file's pixel data ran out of memory") from None
     except Exception as err:  # noqa: BLE001 - decoders and truncated files raise many types
         text = str(err)
         if isinstance(err, EOFError) or "less than expected" in text or "truncated" in text.lower():
             raise RejectedCase("truncated", "a slice file is truncated: its pixel data is shorter than the "
                                "header says (incomplete copy or transfer?)") from None
+        # Library messages can quote paths and values from the file: only the error type and the syntax.
         ts = getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "?") if ds is not None else "?"
-        raise RejectedCase("undecodable", f"pixel data cannot be decoded ({type(err).__name__}: "
-                           f"{text[:160]}); transfer syntax {ts}") from None
+        name = getattr(ts, "name", "") or "unknown transfer syntax"
+        raise RejectedCase("undecodable", f"pixel data cannot be decoded ({type(err).__name__}); "
+                           f"transfer syntax {name}") from None
     if arr.ndim == 2:
         arr = arr[None]
     return arr
 
 
-def assemble(stack: Stack, geometry: StackGeometry, take_volume: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def assemble(stack: Stack, geometry: StackGeometry, take_volume: int | None = None,
+             max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Decode, rescale and place every slice: returns (data (i, j, k[, t]) float32, affine RAS).
 
     Slices are written into a C-ordered (t, k, rows, cols) buffer (contiguous writes) and
@@ -273,12 +285,14 @@ def assemble(stack: Stack, geometry: StackGeometry, take_volume: int | None = No
         order = order[:, [take_volume]]
     frames = stack.frames
     first = frames[order[0, 0]]
-    buf = np.empty((order.shape[1], order.shape[0], first.rows, first.cols), dtype=np.float32)
+    shape = (order.shape[1], order.shape[0], first.rows, first.cols)
+    require_fits(shape, 4, max_bytes, f"the volume ({'x'.join(map(str, shape[::-1]))} voxels as float32)")
+    buf = np.empty(shape, dtype=np.float32)
     needed: dict = defaultdict(list)
     for (p, v), idx in np.ndenumerate(order):
         needed[frames[idx].file].append((p, v, frames[idx]))
     for path, items in needed.items():
-        pixels = decode_pixels(path, items[0][2].dataset)
+        pixels = decode_pixels(path, items[0][2].dataset, max_bytes)
         for p, v, f in items:
             if f.layout == "mosaic":
                 grid = f.tile_grid[1]
@@ -301,9 +315,10 @@ def assemble(stack: Stack, geometry: StackGeometry, take_volume: int | None = No
     return out, LPS_TO_RAS @ geometry.affine_lps
 
 
-def stack_to_volume(stack: Stack, min_slices: int = 1, take_volume: int | None = None) -> Volume:
+def stack_to_volume(stack: Stack, min_slices: int = 1, take_volume: int | None = None,
+                    max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> Volume:
     geometry = analyse(stack, min_slices=min_slices)
-    data, affine = assemble(stack, geometry, take_volume)
+    data, affine = assemble(stack, geometry, take_volume, max_bytes)
     integral = all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in stack.frames)
     meta = {
         "integer_valued": integral,  # stored integers x integral slope + intercept: exact in int16/int32

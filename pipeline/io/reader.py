@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.limits import DEFAULT_MAX_CASE_BYTES, require_fits
 from pipeline.core.plan import ReaderSettings
 from pipeline.core.volume import Volume
 from pipeline.errors import RejectedCase
+from pipeline.io.dicom_checks import is_regular_file
 
 
 def read_case(path: Path, modality: str, reader: ReaderSettings, series_uid: str = "") -> Volume:
@@ -22,11 +24,14 @@ def read_case(path: Path, modality: str, reader: ReaderSettings, series_uid: str
 
     if not path.exists():
         raise RejectedCase("missing_path", "the manifest path does not exist")
+    if not (path.is_dir() or is_regular_file(path)):
+        raise RejectedCase("not_a_file", "the manifest path is neither a folder nor a regular file (a FIFO, socket "
+                           "or device)")
     if path.is_file() and is_nifti(path):
-        volume = read_nifti(path)
+        volume = read_nifti(path, reader.max_case_bytes)
     else:
         volume = read_dicom_series(path, series_uid=series_uid or None, min_slices=1,
-                                   take_volume=reader.take_volume)
+                                   take_volume=reader.take_volume, max_bytes=reader.max_case_bytes)
         found = volume.meta.get("modality", "")
         if found in ("CT", "MR") and found != modality:
             raise RejectedCase("modality_mismatch", f"manifest says {modality} but the DICOM series is {found}")
@@ -41,21 +46,33 @@ def read_case(path: Path, modality: str, reader: ReaderSettings, series_uid: str
     n_slices = min(volume.data.shape[:3])
     if n_slices < reader.min_slices:
         raise RejectedCase("too_few_slices", f"{n_slices} slice(s), fewer than ingest.min_slices={reader.min_slices}")
-    bad = int(np.size(volume.data) - np.count_nonzero(np.isfinite(volume.data)))
-    if bad:
-        raise RejectedCase("non_finite", f"{bad} voxel(s) are NaN or infinite")
-    if float(volume.data.max()) == float(volume.data.min()):
-        raise RejectedCase("constant_image", "every voxel has the same value")
+    check_voxels(volume.data)
     return volume
 
 
-def read_mask(mask_path: Path, native_shape, native_affine: np.ndarray) -> np.ndarray:
+def check_voxels(data: np.ndarray) -> None:
+    """The voxel rule every reader output passes (ingest, predict and `resdx convert` alike)."""
+    bad = 0
+    for k in range(data.shape[2]):  # per slice: no full-size boolean temporary
+        bad += int(data[:, :, k].size - np.count_nonzero(np.isfinite(data[:, :, k])))
+    if bad:
+        raise RejectedCase("non_finite", f"{bad} voxel(s) are NaN or infinite (e.g. a NaN or huge rescale slope)")
+    if float(data.max()) == float(data.min()):
+        raise RejectedCase("constant_image", "every voxel has the same value")
+
+
+def read_mask(mask_path: Path, native_shape, native_affine: np.ndarray,
+              max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> np.ndarray:
     """A lesion mask (NIfTI) on the image's native grid, as bool; resampled if it lies on another grid."""
     import nibabel as nib
 
     from pipeline.core.preprocess import resample_to_grid
+    from pipeline.io.nifti import check_affine
 
     img = nib.load(str(mask_path))
+    # The mask is manifest input too: its header's claim is checked before its voxels are read.
+    require_fits(img.header.get_data_shape(), 4 + img.header.get_data_dtype().itemsize, max_bytes, "the mask")
+    check_affine(np.asarray(img.affine, dtype=np.float64))
     mask = np.asarray(img.dataobj) > 0
     if mask.shape != tuple(native_shape) or not np.allclose(img.affine, native_affine, atol=1e-3):
         mask = resample_to_grid(mask.astype(np.float32), img.affine, native_shape, np.asarray(native_affine),

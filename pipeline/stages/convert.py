@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.core.limits import DEFAULT_MAX_CASE_BYTES
 from pipeline.core.volume import Volume
 from pipeline.io.dicom import read_dicom_series
 from pipeline.io.nifti import write_nifti
+from pipeline.io.reader import check_voxels
 
 
-def convert(src: Path | str, out: Path | str, series_uid: str | None = None) -> Volume:
-    """Convert and write; returns the volume. Raises `RejectedCase` with the reason."""
-    volume = read_dicom_series(src, series_uid=series_uid)
+def convert(src: Path | str, out: Path | str, series_uid: str | None = None,
+            max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> Volume:
+    """Convert and write; returns the volume. Raises `RejectedCase` with the reason.
+
+    The same voxel rule as ingest (`check_voxels`): a NaN or infinite volume is refused, not written.
+    """
+    volume = read_dicom_series(src, series_uid=series_uid, max_bytes=max_bytes)
+    check_voxels(volume.data)
     write_nifti(volume, out)
     return volume

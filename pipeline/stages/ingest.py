@@ -16,6 +16,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,18 +25,49 @@ import numpy as np
 from pipeline.config import Params
 from pipeline.core.plan import ReaderSettings, fit_plan, reader_settings
 from pipeline.core.preprocess import canonicalize, finish_case
-from pipeline.errors import IngestFailed, RejectedCase
+from pipeline.errors import IngestFailed, RejectedCase, unexpected_reason
 from pipeline.io.artifacts import load_npy, save_json, save_npy, source_hash
+from pipeline.io.folder_lock import folder_lock, remove_temp_files
 from pipeline.io.index import IngestSummary, label_text, remove_stale, write_index, write_splits
 from pipeline.layout import IngestDir
 from pipeline.progress import progress_map
 from pipeline.sources.manifest import CaseRow, read_manifest, split_rows
 
-READER_VERSION = "1"  # bump when reading/canonicalisation changes, to invalidate caches
+READER_VERSION = "2"  # bump when reading/canonicalisation changes, to invalidate caches
 SAMPLE_SIZE = 10_000
 
 
 # ----------------------------------------------------------------------------- pass 1: prepare
+def fits_int16(data: np.ndarray) -> bool:
+    """Every voxel an integer in int16's range (checked slab by slab: no full-size temporaries)."""
+    for slab in data:
+        if slab.min() < -32768 or slab.max() > 32767 or not np.array_equal(slab, np.round(slab)):
+            return False
+    return True
+
+
+def foreground_sample(data: np.ndarray, above: float, rng: np.random.Generator, n: int = SAMPLE_SIZE) -> np.ndarray:
+    """`rng.choice(v[v > above], n, replace=False)` for the C-order voxels v, one slab at a time.
+
+    The same draw as on the flattened array (Generator.choice picks indices, then takes them), without
+    a full-size copy and mask of the volume.
+    """
+    slabs = [np.count_nonzero(data[i] > above) for i in range(data.shape[0])]
+    total = int(sum(slabs))
+    if not total:
+        return np.empty(0, dtype=np.float32)
+    idx = rng.choice(total, size=min(n, total), replace=False)
+    order = np.argsort(idx, kind="stable")
+    out = np.empty(idx.size, dtype=np.float32)
+    starts = np.concatenate([[0], np.cumsum(slabs)])
+    pos = np.searchsorted(starts, idx[order], side="right") - 1
+    for i in np.unique(pos):
+        chosen = order[pos == i]
+        slab = data[i].ravel()
+        out[chosen] = slab[slab > above][idx[chosen] - starts[i]]
+    return out
+
+
 def _prepare(task: dict) -> dict:
     """Worker: read + canonicalise one case, caching the result by content and reader settings."""
     from pipeline.io.reader import read_case
@@ -58,7 +90,7 @@ def _prepare(task: dict) -> dict:
             raise RejectedCase("unreadable_path", f"cannot read the input ({why})") from None
         key = hashlib.blake2b(
             json.dumps([digest, READER_VERSION, row.modality, row.series_uid, reader.take_volume, reader.min_slices,
-                        reader.ct_foreground_hu]).encode(), digest_size=16).hexdigest()
+                        reader.ct_foreground_hu, reader.max_case_bytes]).encode(), digest_size=16).hexdigest()
         result["source_hash"] = digest
         meta_path = cache / f"{key}.json"
         if meta_path.exists():
@@ -70,16 +102,16 @@ def _prepare(task: dict) -> dict:
                 return cached
         try:
             volume = read_case(row.path, row.modality, reader, row.series_uid)
-            data, affine = canonicalize(volume, row.modality)
+            data, affine = canonicalize(volume, row.modality, reader.max_case_bytes)
         except RejectedCase as err:
             out = dict(result, reason_code=err.code, reason=err.reason, key=key)
             save_json(meta_path, out)
             return out
         rng = np.random.default_rng(int(digest[:8], 16))
-        flat = data.ravel()
-        fg = flat[flat > reader.ct_foreground_hu] if row.modality == "CT" else flat
-        sample = rng.choice(fg, size=min(SAMPLE_SIZE, fg.size), replace=False) if fg.size else flat[:0]
-        save_npy(cache / f"{key}.npy", data)
+        sample = foreground_sample(data, reader.ct_foreground_hu if row.modality == "CT" else -np.inf, rng)
+        # Integer-valued volumes (CT with an integral rescale) are cached as int16: half the disk and
+        # half the memory when finalize maps them; the values are exactly the same.
+        save_npy(cache / f"{key}.npy", data.astype(np.int16) if fits_int16(data) else data)
         save_npy(cache / f"{key}.sample.npy", sample.astype(np.float32))
         out = dict(
             result, status="ok", key=key,
@@ -92,8 +124,11 @@ def _prepare(task: dict) -> dict:
         return out
     except RejectedCase as err:
         return dict(result, reason_code=err.code, reason=err.reason)
+    except MemoryError:
+        return dict(result, reason_code="too_large", reason="reading the case ran out of memory")
     except Exception as err:  # noqa: BLE001 - one broken scan must never kill the run
-        return dict(result, reason_code="unexpected_error", reason=f"{type(err).__name__}: {str(err)[:200]}")
+        why = unexpected_reason(err, "reading the case", row.case_id)
+        return dict(result, reason_code="unexpected_error", reason=why)
 
 
 # ----------------------------------------------------------------------------- pass 3: finalize
@@ -113,7 +148,8 @@ def _finalize(task: dict) -> dict:
                 and (not mask_digest or mask_out.exists()):
             shape = list(load_npy(tensor_path).shape)
             return {"case_id": case_id, "status": "ok", "reused": True, "tensor_shape": shape}
-        data = load_npy(cache / f"{prep['key']}.npy", mmap=False)
+        # Memory-mapped: the resampling reads it once, so it is never a second anonymous copy.
+        data = load_npy(cache / f"{prep['key']}.npy", mmap=True)
         case = finish_case(data, np.array(prep["canonical_affine"]), prep["modality"], plan, prep["native_shape"],
                            np.array(prep["native_affine"]))
         sidecar = {
@@ -126,30 +162,58 @@ def _finalize(task: dict) -> dict:
             sidecar["slice_index"] = case.slice_index
         if mask_digest:
             # Explain scores localisation on this copy: it reads nothing raw, and DVC sees a mask edit here.
-            save_npy(mask_out, read_mask(mask_path, prep["native_shape"], np.array(prep["native_affine"])))
+            save_npy(mask_out, read_mask(mask_path, prep["native_shape"], np.array(prep["native_affine"]),
+                                          plan.reader.max_case_bytes))
         else:
             mask_out.unlink(missing_ok=True)
         save_npy(tensor_path, case.tensor)
         save_json(side_path, sidecar)
         return {"case_id": case_id, "status": "ok", "reused": False, "tensor_shape": list(case.tensor.shape)}
+    except RejectedCase as err:
+        return {"case_id": case_id, "status": "rejected", "reason_code": err.code, "reason": err.reason}
+    except MemoryError:
+        return {"case_id": case_id, "status": "rejected", "reason_code": "too_large",
+                "reason": "preprocessing the case ran out of memory"}
     except Exception as err:  # noqa: BLE001 - one broken case must never kill the run
         return {"case_id": case_id, "status": "rejected", "reason_code": "preprocess_failed",
-                "reason": f"{type(err).__name__}: {str(err)[:200]}"}
+                "reason": unexpected_reason(err, "preprocessing the case", case_id)}
 
 
 # ----------------------------------------------------------------------------- the stage
 def run_ingest(params: Params, manifest: Path | str | None = None, out_dir: Path | str | None = None,
                cache_dir: Path | str | None = None, progress: bool = True) -> IngestSummary:
-    """Run the whole stage; writes OUT/index.csv, OUT/plan.json, OUT/tensors/<case_id>.{npy,json}."""
+    """Run the whole stage; writes OUT/index.csv, OUT/plan.json, OUT/tensors/<case_id>.{npy,json}.
+
+    OUT is locked for the run: a second ingest into it fails at once with "another ingest holds OUT".
+    """
+    manifest = Path(manifest or params.data.manifest)
+    out = Path(out_dir or params.ingest.out_dir)
+    cache = Path(cache_dir or params.ingest.cache_dir) / "prepared"
+    rows = split_rows(read_manifest(manifest), params)  # file-level manifest errors: before any work
+    with folder_lock(out):
+        return _run(params, rows, out, cache, progress)
+
+
+def _failed(stage: str) -> Callable[[dict, str], dict]:
+    """The result of a case whose worker was killed at the time limit, or died."""
+    def result(task: dict, why: str) -> dict:
+        case_id = task["row"].case_id if "row" in task else task["prep"]["case_id"]
+        if why == "timeout":
+            return {"case_id": case_id, "status": "rejected", "reason_code": "timeout",
+                    "reason": f"{stage} the case took longer than ingest.case_timeout_s; it was stopped"}
+        return {"case_id": case_id, "status": "rejected", "reason_code": "worker_died",
+                "reason": f"the worker {stage} the case {why}: out of memory, or a crash in a decoder"}
+    return result
+
+
+def _run(params: Params, rows: list[CaseRow], out: Path, cache: Path, progress: bool) -> IngestSummary:
     t0 = time.perf_counter()
     cfg = params.ingest
-    manifest = Path(manifest or params.data.manifest)
-    out = Path(out_dir or cfg.out_dir)
-    cache = Path(cache_dir or cfg.cache_dir) / "prepared"
-    rows = split_rows(read_manifest(manifest), params)
+    remove_temp_files(cache, out, IngestDir(out).tensors, IngestDir(out).masks)
     reader = reader_settings(params)
     tasks = [{"row": r, "reader": reader, "cache": cache} for r in rows]
-    prepared = progress_map(_prepare, tasks, cfg.workers, "reading", progress)
+    prepared = progress_map(_prepare, tasks, cfg.workers, "reading", progress, cfg.case_timeout_s,
+                            _failed("reading"))
     for n, (p, r) in enumerate(zip(prepared, rows)):
         # Rows are tracked by position: a duplicated case_id must not overwrite its first row.
         p.update(row=n, modality=r.modality, split=r.split, label=r.label)
@@ -165,7 +229,8 @@ def run_ingest(params: Params, manifest: Path | str | None = None, out_dir: Path
     tasks = [{"prep": p, "plan": plan, "plan_hash": phash, "out": out, "cache": cache,
               "mask_path": masks.get(p["row"])} for p in ok]
     IngestDir(out).masks.mkdir(parents=True, exist_ok=True)  # a DVC output even when no case has a mask
-    done = progress_map(_finalize, tasks, cfg.workers, "preprocessing", progress)
+    done = progress_map(_finalize, tasks, cfg.workers, "preprocessing", progress, cfg.case_timeout_s,
+                        _failed("preprocessing"))
     finals = {p["row"]: f for p, f in zip(ok, done)}
     remove_stale(IngestDir(out).tensors, {p["case_id"] for p in ok})
     remove_stale(IngestDir(out).masks, {p["case_id"] for p in ok})

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ExplainConfig
-from pipeline.errors import RegistryError
+from pipeline.errors import RegistryError, unexpected_reason
 
 
 def study_id(path: Path | str) -> str:
@@ -104,7 +104,7 @@ def predict_one(impl, path: Path | str, modality: str | None = None) -> tuple[di
         rec.update(reason_code=err.code, reason=err.reason)
         return rec, None
     except Exception as err:  # noqa: BLE001 - one broken study must never stop the batch
-        rec.update(reason_code="unexpected_error", reason=f"{type(err).__name__}: {str(err)[:200]}")
+        rec.update(reason_code="unexpected_error", reason=unexpected_reason(err, "reading the study"))
         return rec, None
     probs, rule = a.probs[0], impl.rule
     if rule.multi_label:
@@ -181,7 +181,7 @@ def run_predict(model_uri: str, paths: list[Path | str], out_dir: Path | str, mo
                     rec["saliency_class"] = impl.class_names[ex.explained_class]
                 except Exception as err:  # noqa: BLE001 - a failed map must not lose the prediction
                     rec["saliency"] = None
-                    rec["saliency_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+                    rec["saliency_error"] = unexpected_reason(err, "computing the saliency map", sid)
             save_json(out / f"{sid}.json", rec)
             records.append(rec)
             bar.update(job, advance=1, info=f"{sid}: {rec['status']}")
