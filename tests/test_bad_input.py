@@ -298,7 +298,8 @@ def test_4d_nifti_is_accepted_when_a_volume_is_chosen(cohort, tmp_path):
     d = cohort["root"] / "data"
     manifest = write_manifest(tmp_path / "manifest.csv", [
         {"case_id": "nifti_4d", "patient_id": "P11", "modality": "MR", "path": str(d / "nifti_4d.nii.gz")},
-        {"case_id": "good_ct_a", "patient_id": "P01", "modality": "CT", "path": str(d / "good_ct_a")},
+        # label 1: a training cohort needs two classes (manifest.split_rows)
+        {"case_id": "good_ct_a", "patient_id": "P01", "modality": "CT", "path": str(d / "good_ct_a"), "label": "1"},
     ])
     summary = run_ingest(_params(tmp_path, take_volume=0), manifest=manifest, progress=False)
     rows = {r["case_id"]: r for r in read_index(tmp_path / "out", INDEX_COLUMNS)}
@@ -313,7 +314,8 @@ def _small_manifest(root: Path) -> Path:
     (root / "data" / "empty").mkdir()
     return write_manifest(root / "manifest.csv", [
         {"case_id": "good", "patient_id": "P1", "modality": "CT", "path": "data/good"},
-        {"case_id": "gone", "patient_id": "P2", "modality": "CT", "path": "data/gone"},
+        {"case_id": "gone", "patient_id": "P2", "modality": "CT", "path": "data/gone",
+         "label": "1"},  # a training cohort needs two classes (manifest.split_rows)
         {"case_id": "empty", "patient_id": "P3", "modality": "CT", "path": "data/empty"},
     ])
 

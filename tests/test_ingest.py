@@ -188,7 +188,8 @@ def test_rejected_fraction_ceiling_fails_the_stage_after_writing_the_index(demo_
 
     bad = tmp_path / "m.csv"
     lines = demo_cohort.read_text().splitlines()
-    rows = [lines[0]] + lines[1:3] + [f"bad{i},pbad{i},CT,{tmp_path}/nowhere{i},0," for i in range(3)]
+    # label 1: with the two label-0 demo rows, a training cohort of two classes (manifest.split_rows)
+    rows = [lines[0]] + lines[1:3] + [f"bad{i},pbad{i},CT,{tmp_path}/nowhere{i},1," for i in range(3)]
     bad.write_text("\n".join(rows) + "\n")
     text = bad.read_text().replace("../", str(demo_cohort.parent) + "/../")
     bad.write_text(text)
@@ -227,7 +228,8 @@ def test_masks_are_recorded_on_the_native_grid_and_follow_edits(demo_cohort, tmp
         for r in rows:
             mask = tmp_path / f"{r.case_id}_mask.nii.gz"
             mask.write_bytes(r.mask_path.read_bytes())
-            w.writerow([r.case_id, r.patient_id, r.modality, r.path, r.label, mask, "train"])
+            # split test: the two rows may share one class, which a training cohort may not (split_rows)
+            w.writerow([r.case_id, r.patient_id, r.modality, r.path, r.label, mask, "test"])
     params = _params(tmp_path)
     run_ingest(params, manifest=manifest, progress=False)
     out = tmp_path / "out"

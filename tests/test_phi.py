@@ -287,7 +287,7 @@ def test_phi_in_folder_names_stays_out_of_reasons(tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("case_id,patient_id,modality,path,label,split\n"
                         f"x1,q1,CT,{base / 'empty'},0,train\n"
-                        f"x2,q2,CT,{base / 'gone'},0,train\n"
+                        f"x2,q2,CT,{base / 'gone'},1,train\n"  # two classes: a training cohort
                         f"x3,q3,CT,{base / 'gap'},0,train\n"
                         f"x4,q4,CT,{base / 'text'},0,train\n"
                         f"x5,q5,MR,{base / 'gone.nii.gz'},0,train\n")

@@ -1,6 +1,8 @@
 """Atomic writes of every artifact (JSON, .npy, CSV, text, bytes) and content hashes of inputs.
 
 A reader never sees half a file: each writer writes a temp file beside the target and renames it.
+Every CSV the project writes goes through `save_csv` / `save_dict_csv`, which neutralise spreadsheet
+formulas in text cells (`csv_cell`), so an id such as `=HYPERLINK(...)` opens as text, never runs.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -23,7 +26,8 @@ def atomic_write(path: Path | str, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)`, then rename the temp file onto `path` (same folder, so the rename is atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-" + path.name)
+    # The writer's PID in the name: `folder_lock.remove_temp_files` deletes it once that process is gone.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{os.getpid()}-{path.name}")
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs unreadable to the rest of a team
@@ -63,22 +67,37 @@ def load_npy(path: Path | str, mmap: bool = True) -> np.ndarray:
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
+# OWASP's CSV-injection rule: spreadsheets run a cell that starts with one of these as a formula
+# (TAB and CR too, since some strip them first). Such text gets a leading ' so it opens as text.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# ...except a plain decimal number ("-1.5", "-3e-4"): no formula, and numeric columns must stay numeric.
+# The report's review export (reporting/templates/report.js, csvField) applies the same two patterns.
+PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def csv_cell(value):
+    """The value to write in a CSV cell: text that a spreadsheet would run as a formula gets a leading '."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
 def save_csv(path: Path | str, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
     def write(tmp):
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
-            w.writerow(header)
-            w.writerows(rows)
+            w.writerow([csv_cell(c) for c in header])
+            w.writerows([csv_cell(c) for c in row] for row in rows)
 
     return atomic_write(path, write)
 
 
 def save_dict_csv(path: Path | str, columns: Sequence[str], records: Iterable[dict]) -> Path:
     def write(tmp):
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=list(columns))
             w.writeheader()
-            w.writerows(records)
+            w.writerows({k: csv_cell(v) for k, v in r.items()} for r in records)
 
     return atomic_write(path, write)
 

@@ -73,7 +73,9 @@ def remove_stale(folder: Path, keep: set[str], suffixes: tuple[str, ...] = (".np
     if not folder.exists():
         return
     for f in folder.iterdir():
-        if f.name in protect:
+        # A folder here is not a case's file (an old run's id with a '/' in it made one): leave it rather
+        # than fail every later run on unlink().
+        if f.name in protect or (f.is_dir() and not f.is_symlink()):
             continue
         stem = f.name
         for s in suffixes:

@@ -84,8 +84,13 @@
     });
   }
 
+  /* OWASP CSV injection, the rule of pipeline/io/artifacts.py csv_cell: text starting = + - @ TAB or CR
+     gets a leading ' so a spreadsheet shows it instead of running it; a plain number ("-1.5") is kept. */
+  var FORMULA_START = /^[=+\-@\t\r]/;
+  var PLAIN_NUMBER = /^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$/;
   function csvField(s) {
     s = s === null || s === undefined ? "" : String(s);
+    if (FORMULA_START.test(s) && !PLAIN_NUMBER.test(s)) s = "'" + s;
     return /[",\r\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
   }
   /* All cases (filtered or not), in the original order; RFC 4180 quoting and CRLF line ends. */
