@@ -11,7 +11,8 @@ Bundled artifacts (names are the keys of ``context.artifacts``):
 ``weights`` (model.safetensors), ``spec`` (model.json: spec, class names, data hash),
 ``plan`` (plan.json: the typed ingest plan, reader settings included), ``calibration``
 (calibration.json: temperature and operating threshold, fitted on validation), ``model_card``
-(Markdown). It imports `pipeline.core` and `pipeline.io` only: no stage, no training code.
+(Markdown). It imports `pipeline.core`, `pipeline.io` and its guard (`serving_guard`) only: no stage,
+no training code.
 
 Two kinds of input:
 
@@ -31,6 +32,14 @@ Two kinds of input:
   ``mlflow.pyfunc.load_model(uri).unwrap_python_model().predict_studies(df)`` (MLflow's
   documented way to reach custom methods). A side effect we want: the HTTP server can never be
   asked to read files on the server's disk.
+
+Hostile input (the tensor path): `predict` checks, before the network runs, that the array is numeric,
+of shape (N, C, *plan shape), finite, and, when served, at most `max_batch()` cases
+(``RESDX_SERVE_MAX_BATCH``, default `MAX_BATCH`). Each failure is an `MlflowException`
+(INVALID_PARAMETER_VALUE -> HTTP 400) with a short fixed message. Under ``mlflow models serve`` the
+model also puts a request-size limit in front of ``/invocations`` (``RESDX_SERVE_MAX_REQUEST_BYTES``,
+default `default_max_request_bytes`; 413) and keeps stack traces and echoed input out of error bodies:
+see `pipeline.tracking.serving_guard.install_request_guard` for why that has to be done from here.
 """
 
 from __future__ import annotations
@@ -42,12 +51,19 @@ from typing import TYPE_CHECKING
 import mlflow
 import numpy as np
 
+from pipeline.tracking.serving_guard import (
+    in_serving_environment,
+    install_request_guard,
+    max_batch,
+    max_request_bytes,
+    validate_batch,
+)
+
 if TYPE_CHECKING:
     import pandas as pd
 
 PROB_PREFIX = "p_"
 _MODALITIES = {"CT": "CT", "MR": "MR", "MRI": "MR"}
-
 
 def _peek_dicom_modality(path: Path, max_files: int = 64) -> str | None:
     """Modality (CT/MR) from the first readable DICOM header under `path`, pixels not read."""
@@ -92,6 +108,14 @@ class ResDxModel(mlflow.pyfunc.PythonModel):
         cal = json.loads(Path(artifacts["calibration"]).read_text())
         self.rule = DecisionRule.from_calibration(cal, info.get("class_names"))
         self.classifier = Classifier(self.model, self.rule, self.device, batch_size=4)
+        self.max_batch = max_batch()
+        self.max_request_bytes = max_request_bytes(self.item_shape, self.max_batch)
+        install_request_guard(self.max_request_bytes)
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """One case's tensor shape: (C, X, Y, Z) from the plan (2D/2.5D models: (C, X, Y) slices)."""
+        return (int(self.plan.channels), *(int(n) for n in self.plan.shape[:self.spec.input_ndim]))
 
     @property
     def class_names(self) -> list[str]:
@@ -188,7 +212,7 @@ class ResDxModel(mlflow.pyfunc.PythonModel):
         """DataFrame (or list of paths) of studies -> one row each: probabilities, decision, status, reason."""
         import pandas as pd
 
-        from pipeline.errors import RejectedCase
+        from pipeline.errors import RejectedCase, unexpected_reason
 
         df = studies if isinstance(studies, pd.DataFrame) else pd.DataFrame({"path": [str(p) for p in studies]})
         if "path" not in df.columns:
@@ -204,7 +228,7 @@ class ResDxModel(mlflow.pyfunc.PythonModel):
             except RejectedCase as err:
                 row.update(reason_code=err.code, reason=err.reason)
             except Exception as err:  # noqa: BLE001 - one broken study must never stop the batch
-                row.update(reason_code="unexpected_error", reason=f"{type(err).__name__}: {str(err)[:200]}")
+                row.update(reason_code="unexpected_error", reason=unexpected_reason(err, "reading the study"))
             rows.append(row)
         a = self.assess_tensors(np.stack(tensors)) if tensors else None
         position = {i: j for j, i in enumerate(ok_rows)}
@@ -241,7 +265,10 @@ class ResDxModel(mlflow.pyfunc.PythonModel):
 
         if isinstance(model_input, pd.DataFrame) and "path" in model_input.columns:
             return self.predict_studies(model_input)  # reachable through unwrap_python_model().predict
-        return self.predict_tensors(np.asarray(model_input, dtype=np.float32))
+        # NaN/Inf would otherwise run through the network into NaN probabilities (or a torch error
+        # whose traceback the server would send back); the batch limit holds when served only.
+        x = validate_batch(model_input, self.item_shape, self.max_batch if in_serving_environment() else None)
+        return self.predict_tensors(x)
 
 
 def _clean(value) -> str | None:
