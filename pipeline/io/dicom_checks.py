@@ -95,7 +95,8 @@ def check_pixels(ds: Dataset, limit: int) -> None:
     frames, need = pixel_bytes(ds)
     require_fits((rows, cols, frames, 4), 1, limit, f"one file's {frames} frame(s) of {rows}x{cols} as float32")
     ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
-    elem = ds.get_item("PixelData") if "PixelData" in ds else None
+    # keep_deferred: get_item would otherwise read the whole pixel data into the header, for every file.
+    elem = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
     length = getattr(elem, "length", None) if elem is not None else None
     if ts in NATIVE and length is not None and length != 0xFFFFFFFF and length < need:
         raise RejectedCase("truncated", "a slice file's pixel data is shorter than its header says "

@@ -52,12 +52,12 @@ def read_case(path: Path, modality: str, reader: ReaderSettings, series_uid: str
 
 def check_voxels(data: np.ndarray) -> None:
     """The voxel rule every reader output passes (ingest, predict and `resdx convert` alike)."""
-    bad = 0
-    for k in range(data.shape[2]):  # per slice: no full-size boolean temporary
-        bad += int(data[:, :, k].size - np.count_nonzero(np.isfinite(data[:, :, k])))
-    if bad:
+    lo, hi = float(data.min()), float(data.max())  # NaN propagates through min/max, and inf shows there
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = sum(int(data[:, :, k].size - np.count_nonzero(np.isfinite(data[:, :, k])))  # per slice: no
+                  for k in range(data.shape[2]))                                          # full-size mask
         raise RejectedCase("non_finite", f"{bad} voxel(s) are NaN or infinite (e.g. a NaN or huge rescale slope)")
-    if float(data.max()) == float(data.min()):
+    if lo == hi:
         raise RejectedCase("constant_image", "every voxel has the same value")
 
 
