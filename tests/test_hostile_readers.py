@@ -117,7 +117,21 @@ def test_bounded_zoom_equals_scipy_zoom(shape, new, order):
     data = np.random.default_rng(sum(shape)).normal(0, 100, shape).astype(np.float32)
     want = ndimage.zoom(data, np.array(new) / np.array(shape), order=order, mode="nearest", grid_mode=True)
     assert want.shape == new
-    np.testing.assert_allclose(zoom(data, new, order), want, rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(zoom(data, new, order), want)  # small: the float64 prefilter, bit for bit
+
+
+def test_bounded_zoom_of_a_large_volume_stays_close_to_scipy(monkeypatch):
+    """Above EXACT_PREFILTER_BYTES the prefilter runs in float32 in place: within 1e-5 of scipy."""
+    from scipy import ndimage
+
+    from pipeline.core import preprocess
+
+    monkeypatch.setattr(preprocess, "EXACT_PREFILTER_BYTES", 0)  # the float32 path, on a small volume
+    data = np.random.default_rng(1).normal(0, 100, (20, 18, 9)).astype(np.float32)
+    want = ndimage.zoom(data, np.array((13, 27, 11)) / np.array(data.shape), order=3, mode="nearest", grid_mode=True)
+    got = zoom(data, (13, 27, 11), 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+    assert not np.array_equal(got, want)  # it is the other path
 
 
 # ----------------------------------------------------------------------------- 2-3. geometry, each with its own code
