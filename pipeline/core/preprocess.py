@@ -86,6 +86,8 @@ def target_shape(shape, spacing, target_spacing) -> tuple[int, int, int]:
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))
 
 
+# Bump when the tensors preprocessing writes change for the same plan: ingest keys reused tensors on it.
+PREPROCESS_VERSION = "2"
 SPLINE_PAD = 12  # scipy's own padding before a spline prefilter with mode "nearest"
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.config import Params
 from pipeline.core.plan import ReaderSettings, fit_plan, reader_settings
-from pipeline.core.preprocess import canonicalize, finish_case
+from pipeline.core.preprocess import PREPROCESS_VERSION, canonicalize, finish_case
 from pipeline.errors import IngestFailed, RejectedCase, unexpected_reason
 from pipeline.io.artifacts import load_npy, save_json, save_npy, source_hash
 from pipeline.io.folder_lock import folder_lock, remove_temp_files
@@ -142,7 +142,8 @@ def _finalize(task: dict) -> dict:
     layout = IngestDir(out_dir)
     tensor_path, side_path, mask_out = layout.tensor(case_id), layout.sidecar(case_id), layout.mask(case_id)
     mask_digest = source_hash(mask_path) if mask_path is not None and mask_path.is_file() else ""
-    key = hashlib.blake2b(f"{prep['key']}:{phash}:{mask_digest}".encode(), digest_size=16).hexdigest()
+    key = hashlib.blake2b(f"{prep['key']}:{phash}:{mask_digest}:{PREPROCESS_VERSION}".encode(),
+                          digest_size=16).hexdigest()
     try:
         if tensor_path.exists() and side_path.exists() and json.loads(side_path.read_text()).get("key") == key \
                 and (not mask_digest or mask_out.exists()):
