@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -101,6 +102,27 @@ def test_killed_run_resumes_to_the_same_weights(tiny_ingested, tmp_path, monkeyp
     wa = load_file(str(full / "models/model.safetensors"))
     wb = load_file(str(part / "models/model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_finished_run_is_not_reused_when_the_tensors_change(tiny_ingested, tmp_path):
+    """Same sources, same plan, other tensor bytes (a preprocessing code change): train again, not resume."""
+    import shutil
+
+    from pipeline.stages.train import run_train
+
+    ing = tmp_path / "ing"
+    shutil.copytree(tiny_ingested, ing)
+    run_train(train_params(tmp_path, ing, train={"epochs": 1}), progress=False)
+    run_train(train_params(tmp_path, ing, train={"epochs": 1}), progress=False)
+    assert len(list((tmp_path / "state").iterdir())) == 1  # the same run key: the finished run is reused
+    from helpers import read_index
+
+    case = next(r["case_id"] for r in read_index(ing) if r["split"] == "train" and r["status"] == "ok")
+    tensor = ing / "tensors" / f"{case}.npy"
+    x = np.load(tensor)
+    np.save(tensor, np.nextafter(x, np.inf).astype(x.dtype))  # one ulp: what a resampling change does
+    run_train(train_params(tmp_path, ing, train={"epochs": 1}), progress=False)
+    assert len(list((tmp_path / "state").iterdir())) == 2  # a second run key: trained anew
 
 
 def test_mlflow_run_has_params_metrics_tags_and_plan(tiny_ingested, tmp_path):

@@ -167,7 +167,10 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
     params = resolved(params, network)
     spec = model_spec(params, train, plan)
     dhash = data_hash(ingest_dir)
-    case_hash = {r["case_id"]: r.get("source_hash", "") for r in read_index(ingest_dir)}
+    # The tensors' own bytes, not only their sources': a change in preprocessing code (same sources, same
+    # plan) must not resume a finished run trained on the old tensors.
+    case_hash = {r["case_id"]: f"{r.get('source_hash', '')}:{_file_digest(IngestDir(ingest_dir).tensor(r['case_id']))}"
+                 for r in read_index(ingest_dir) if r.get("status") == "ok"}
     model_plan = plan.model_copy(update={"network": NetworkPlan(**network)})
 
     fits: list[dict] = []
@@ -195,6 +198,14 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def member_data_id(member: Member, plan: Plan, case_hash: dict[str, str]) -> str:
