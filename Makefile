@@ -4,10 +4,11 @@ PYTHON  ?= python3
 BIN      = $(VENV)/bin
 # torch first and pinned: pip then takes the local CPU wheel instead of a multi-GB CUDA build.
 TORCH    = torch==2.13.0
+PACS_PORT ?= 8042
 export DVC_NO_ANALYTICS = 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup setup-dev setup-browser repro test lint bench clean
+.PHONY: setup setup-dev setup-browser setup-pacs pacs pacs-stop repro test lint bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,17 +28,34 @@ setup-dev: $(BIN)/.installed-dev
 setup-browser:
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends chromium)
 
+# A real PACS for development and the DICOMweb tests: Debian's Orthanc with its DICOMweb plugin, and
+# dicom3tools (dciodvfy). The package's postinst may start a system Orthanc service (/etc/orthanc, port 8042;
+# in a container policy-rc.d denies it): ours runs with its own configuration, the tests on free ports,
+# and `make pacs` says if port $(PACS_PORT) is taken (then stop that service or pass PACS_PORT=...).
+setup-pacs:
+	(command -v Orthanc || test -x /usr/sbin/Orthanc) >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
+		&& command -v dciodvfy >/dev/null \
+		|| (apt-get update -q && apt-get install -y -q --no-install-recommends orthanc orthanc-dicomweb dicom3tools)
+
+# Web UI http://127.0.0.1:$(PACS_PORT)/app/explorer.html, DICOMweb http://127.0.0.1:$(PACS_PORT)/dicom-web;
+# state (storage, log, PID) in .pacs/.
+pacs: setup setup-pacs
+	$(BIN)/python -m tools.orthanc start --port $(PACS_PORT)
+
+pacs-stop:
+	$(BIN)/python -m tools.orthanc stop
+
 repro: setup
 	$(BIN)/dvc config --local core.analytics false
 	$(BIN)/dvc config --local core.check_update false
 	$(BIN)/dvc repro
 
-test: setup-dev setup-browser
-	$(BIN)/ruff check pipeline tests benchmarks
+test: setup-dev setup-browser setup-pacs
+	$(BIN)/ruff check pipeline tests benchmarks tools
 	$(BIN)/python -m pytest -n 2
 
 lint: setup-dev
-	$(BIN)/ruff check pipeline tests benchmarks
+	$(BIN)/ruff check pipeline tests benchmarks tools
 
 bench: setup-dev
 	$(BIN)/python benchmarks/ingest.py

@@ -239,12 +239,19 @@ def demote(version: str = typer.Argument(..., help="Model version number."),
 
 @app.command()
 def predict(
-    paths: list[Path] = typer.Argument(..., help="DICOM folders and/or NIfTI files, one study each."),
+    paths: list[Path] = typer.Argument(..., help="DICOM folders and/or NIfTI files, one study each; "
+                                       "dicomweb:<StudyInstanceUID>[/<SeriesInstanceUID>] for a study on pacs.url."),
     model: str | None = typer.Option(None, "--model", "-m", help="Model URI (default models:/<name>@champion)."),
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Folder for one JSON per study."),
     modality: str | None = typer.Option(None, help="CT or MR for NIfTI inputs (DICOM says it itself)."),
     saliency: bool = typer.Option(False, "--saliency", help="Also write a Grad-CAM NIfTI overlay (native grid) of "
                                   "the decided class, with the explain.* settings of the params."),
+    dicom_results: bool = typer.Option(False, "--dicom-results", help="Also write standard DICOM results: a TID "
+                                       "1500 SR, a Parametric Map of the saliency and a burned-in Secondary Capture. "
+                                       "Stored into the source study (STOW-RS) for dicomweb: inputs; written to "
+                                       "--dicom-out/<study-id>/ for local DICOM folders."),
+    dicom_out: Path | None = typer.Option(None, "--dicom-out", help="Folder for local studies' DICOM results "
+                                          "(default: OUT-dicom). PACS side: they carry the source's identity."),
     params: Path = PARAMS_OPT,
 ) -> None:
     """Calibrated probabilities for new studies, through ingest's code and the model's own plan."""
@@ -253,15 +260,20 @@ def predict(
     _quiet_libraries()
     p = _params(params)
     uri = model or f"models:/{p.register.model_name}@champion"
-    r = run_predict(uri, paths, out, modality=modality, saliency=saliency, tracking_uri=p.mlflow.tracking_uri,
-                    progress=sys.stderr.isatty(), explain=p.explain)
+    r = run_predict(uri, [str(x) if str(x).startswith("dicomweb:") else x for x in paths], out, modality=modality,
+                    saliency=saliency, tracking_uri=p.mlflow.tracking_uri, progress=sys.stderr.isatty(),
+                    explain=p.explain, pacs=p.pacs, dicom_results=dicom_results, dicom_out=dicom_out)
     table = Table(title=f"predict: {r['model']['name']} v{r['model']['version']}")
     for col in ("study", "status", "result"):
         table.add_column(col)
     for rec in r["records"]:
         if rec["status"] == "ok":
             probs = ", ".join(f"{k} {v:.3f}" for k, v in rec["probabilities"].items())
-            result = f"{rec['decision']['class']} ({probs})"
+            result = f"{rec['decision'].get('class', rec['decision'].get('positive'))} ({probs})"
+            dres = rec.get("dicom_results")
+            if dres:
+                result += (f"; SR/PM/SC {dres['sr']}/{dres['parametric_map']}/{dres['secondary_capture']} to "
+                           f"{dres['stored_to']}" if dres.get("stored_to") else f"; no DICOM results: {dres['reason']}")
         else:
             result = rec.get("reason", "")
         table.add_row(rec["study_id"], rec["status"], result)
@@ -269,6 +281,56 @@ def predict(
     console.print(f"{r['n_ok']} ok, {r['n_rejected']} rejected; JSON in {out}/")
     if r["n"] and r["n_ok"] == 0:
         raise typer.Exit(1)
+
+
+pacs_app = typer.Typer(help="Work with a DICOMweb PACS (pacs.url in the params; credentials from the "
+                       "environment: RESDX_PACS_TOKEN, or RESDX_PACS_USER + RESDX_PACS_PASSWORD).",
+                       no_args_is_help=True)
+app.add_typer(pacs_app, name="pacs")
+
+
+@pacs_app.command("push")
+def pacs_push(
+    folder: Path = typer.Argument(..., help="A folder of DICOM files (e.g. data/demo); other files are skipped."),
+    manifest: Path | None = typer.Option(None, "--manifest", help="Also rewrite this manifest for the server..."),
+    manifest_out: Path | None = typer.Option(None, "--manifest-out", help="...into this file: DICOM-folder rows "
+                                             "become dicomweb:<StudyInstanceUID> (NIfTI rows stay local)."),
+    params: Path = PARAMS_OPT,
+) -> None:
+    """Store every DICOM file under FOLDER into the PACS (STOW-RS), e.g. to try the PACS flow on the demo."""
+    from pipeline.stages.pacs import push_folder, remote_manifest
+
+    _quiet_libraries()
+    p = _params(params)
+    if (manifest is None) != (manifest_out is None):
+        raise typer.BadParameter("--manifest and --manifest-out go together")
+    r = push_folder(folder, p.pacs, progress=sys.stderr.isatty())
+    console.print(f"stored {r['n_stored']} of {r['n_files']} DICOM files ({r['n_studies']} studies) in "
+                  f"{r['seconds']:.1f} s; {r['n_other']} other files skipped")
+    for code, n in r["failed_reasons"].items():
+        console.print(f"  [red]{n} not stored:[/] {code}")
+    if manifest is not None:
+        m = remote_manifest(manifest, manifest_out)
+        console.print(f"wrote {m['manifest']}: {m['n_remote']} of {m['n_rows']} rows read from {p.pacs.url}")
+    if r["n_failed"]:
+        raise typer.Exit(1)
+
+
+@pacs_app.command("studies")
+def pacs_studies(params: Path = PARAMS_OPT) -> None:
+    """List the server's studies (StudyInstanceUID, modalities, instances): the UIDs `resdx predict dicomweb:` takes."""
+    from pipeline.errors import RejectedCase
+    from pipeline.stages.pacs import list_studies
+
+    p = _params(params)
+    try:
+        studies = list_studies(p.pacs)
+    except RejectedCase as err:
+        console.print(f"[red]cannot list studies on {p.pacs.url}:[/] {err.reason} [dim]({err.code})[/]")
+        raise typer.Exit(1) from None
+    console.print(f"{len(studies)} studies on {p.pacs.url} (StudyInstanceUID, modalities, instances):")
+    for s in studies:  # stdout, one tab-separated line each: the UIDs are the output (pipe them into predict)
+        typer.echo(f"{s['study_uid']}\t{'/'.join(s['modalities'])}\t{s['n_instances']}")
 
 
 @app.command()

@@ -265,6 +265,19 @@ class RegisterConfig(_Strict):
     min_pointing_margin: float = Field(0.05, ge=-1.0, le=1.0)
 
 
+class PacsConfig(_Strict):
+    """A DICOMweb server (QIDO-RS, WADO-RS, STOW-RS). Credentials never live here: they come from the
+    environment (RESDX_PACS_TOKEN for a bearer token, else RESDX_PACS_USER + RESDX_PACS_PASSWORD)."""
+
+    url: str = "http://127.0.0.1:8042/dicom-web"
+    # Retrieved instances, content-addressed by SOP Instance UID and bytes (git-ignored; holds PHI).
+    cache_dir: Path = Path(".cache/dicomweb")
+    # Seconds to connect, and to wait for each chunk of an answer; a slower server rejects the case.
+    timeout_s: float = Field(30.0, gt=0)
+    # The most instances one STOW-RS request carries when pushing a folder.
+    store_batch: int = Field(64, ge=1)
+
+
 class MLflowConfig(_Strict):
     # Off only for smoke runs where MLflow is not installed (e.g. a bare GPU box); stages then skip logging.
     enabled: bool = True
@@ -289,6 +302,7 @@ with warnings.catch_warnings():
         explain: ExplainConfig = ExplainConfig()
         register: RegisterConfig = RegisterConfig()
         mlflow: MLflowConfig = MLflowConfig()
+        pacs: PacsConfig = PacsConfig()
 
 
 

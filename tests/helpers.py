@@ -5,6 +5,7 @@ Import from a test as `from helpers import ...` (tests/ is on sys.path, as for `
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from pathlib import Path
 
@@ -144,3 +145,97 @@ def train_params(tmp: Path, ingest_dir: Path, *, train: dict | None = None, **se
     """Params of `conftest.tiny_params` (a fast CPU run), `train` overriding its train keys and `sections`
     adding (or replacing) whole top-level sections, e.g. `register={...}`."""
     return params_from_dict({**tiny_params(tmp, ingest_dir, **(train or {})), **sections})
+
+
+def register_tiny_champion(tmp: Path, ingest_dir: Path, name: str):
+    """Train, evaluate and register a tiny model (`tiny_params`) as `name`@champion in `tmp`'s own MLflow store;
+    the Params (their mlflow.tracking_uri names the store). The gate is open: this is about serving, not quality."""
+    import mlflow
+
+    from pipeline.core import sanity as S
+    from pipeline.io.artifacts import save_json
+    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.register import run_register
+    from pipeline.stages.train import run_train
+    from pipeline.tracking.runs import experiment_name
+
+    raw = tiny_params(tmp, ingest_dir)
+    raw["register"] = {"model_name": name, "min_auroc_ci_low": 0.0, "max_ece_calibrated": 1.0}
+    raw["explain"] = {"out_dir": str(tmp / "explain")}  # the gate reads this run's sanity.json, not the repo's
+    save_json(tmp / "explain" / "sanity.json", S.summarize([(0.1, 0.3)] * 4, []))  # randomization passed, no masks
+    params = params_from_dict(raw)
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    mlflow.create_experiment(experiment_name(params), artifact_location=(tmp / "artifacts").as_uri())
+    run_train(params, progress=False)
+    run_evaluate(params)
+    reg = run_register(params)
+    assert reg["champion"] == reg["version"] == "1"
+    return params
+
+
+# ----------------------------------------------------------------------------- DICOM conformance
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The lines dciodvfy (dicom3tools) prints for `path` that start with "Error"; fails under CI=true without it."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        msg = "dciodvfy (dicom3tools) is not installed (make setup-pacs)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+# ----------------------------------------------------------------------------- servers
+@contextlib.contextmanager
+def mlflow_serve(model_uri: str, tracking_uri: str, log_path: Path, env_extra: dict | None = None,
+                 drop_env: tuple[str, ...] = (), timeout_s: float = 120):
+    """`mlflow models serve` of `model_uri` on a free port of 127.0.0.1, up once /ping answers; stopped by its
+    process group at exit. Yields (base URL, port, pid)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = str(Path(sys.executable).parent)  # uvicorn lives beside the interpreter
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    env.update(env_extra or {})
+    for key in drop_env:
+        env.pop(key, None)
+    log = log_path.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                             "local", "--host", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, up = time.monotonic() + timeout_s, False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                    up = r.status == 200
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert up, f"server did not answer /ping within {timeout_s:g} s:\n" + log_path.read_text()[-3000:]
+        yield base, port, proc.pid
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()

@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-from conftest import tiny_params
-
-from pipeline.config import params_from_dict
+from helpers import mlflow_serve, register_tiny_champion
 
 NAME = "resdx-serve"
 CHAMPION = f"models:/{NAME}@champion"
@@ -31,26 +22,9 @@ CHAMPION = f"models:/{NAME}@champion"
 def served(tiny_ingested, demo_cohort, tmp_path_factory):
     """A tiny model trained, evaluated and registered as champion; evaluate's probabilities by case."""
     from pipeline.sources.manifest import read_manifest
-    from pipeline.stages.evaluate import run_evaluate
-    from pipeline.stages.register import run_register
-    from pipeline.stages.train import run_train
-    from pipeline.tracking.runs import experiment_name
 
     tmp = tmp_path_factory.mktemp("serve")
-    raw = tiny_params(tmp, tiny_ingested)
-    raw["register"] = {"model_name": NAME, "min_auroc_ci_low": 0.0, "max_ece_calibrated": 1.0}
-    raw["explain"] = {"out_dir": str(tmp / "explain")}  # the gate reads this run's sanity.json, not the repo's
-    from pipeline.core import sanity as S
-    from pipeline.io.artifacts import save_json
-
-    save_json(tmp / "explain" / "sanity.json", S.summarize([(0.1, 0.3)] * 4, []))  # randomization passed, no masks
-    params = params_from_dict(raw)
-    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
-    mlflow.create_experiment(experiment_name(params), artifact_location=(tmp / "artifacts").as_uri())
-    run_train(params, progress=False)
-    run_evaluate(params)
-    reg = run_register(params)
-    assert reg["champion"] == reg["version"] == "1"
+    params = register_tiny_champion(tmp, tiny_ingested, NAME)
     rows = list(csv.DictReader((tmp / "reports/predictions.csv").open()))
     manifest = {r.case_id: r for r in read_manifest(demo_cohort)}
     evaluated = {r["case_id"]: float(r["calibrated_probability"]) for r in rows}
@@ -133,12 +107,6 @@ def test_nifti_study_with_modality_and_optional_saliency(served, tmp_path):
     np.testing.assert_allclose(overlay.affine, native.affine, atol=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -151,25 +119,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 def test_the_champion_is_served_over_http(served, tiny_ingested, tmp_path):
     from pipeline.io.tensors import load_split
 
-    port = _free_port()
-    bin_dir = str(Path(sys.executable).parent)  # uvicorn lives beside the interpreter
-    env = dict(os.environ, MLFLOW_TRACKING_URI=served["uri"], PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION, "--env-manager",
-                             "local", "--host", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        up = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    up = r.status == 200
-                    break
-            except OSError:
-                time.sleep(0.5)
-        assert up, "server did not answer /ping within 90 s:\n" + (tmp_path / "serve.log").read_text()[-3000:]
+    with mlflow_serve(CHAMPION, served["uri"], tmp_path / "serve.log", timeout_s=90) as (base, _, _):
         test = load_split(tiny_ingested, "test")
         status, body = _post(f"{base}/invocations", {"inputs": test.images.numpy().tolist()})
         assert status == 200, body
@@ -180,15 +130,6 @@ def test_the_champion_is_served_over_http(served, tiny_ingested, tmp_path):
         assert status == 400  # the signature admits tensors only: the server never opens paths
         status, body = _post(f"{base}/invocations", {"inputs": np.zeros((1, 1, 8, 8, 8)).tolist()})
         assert status == 400 and "shape" in body.get("message", "").lower()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
 
 
 @pytest.mark.parametrize("class_index", [None, 1])

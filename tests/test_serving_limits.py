@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -19,8 +16,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from helpers import mlflow_serve
 from mlflow.exceptions import MlflowException
-from test_predict_serve import CHAMPION, _free_port, _load, _post, served  # noqa: F401
+from test_predict_serve import CHAMPION, _load, _post, served  # noqa: F401
 
 from pipeline.tracking import serving_guard as S
 
@@ -126,38 +124,10 @@ def _tree_rss(pid: int) -> int:
 def server(served, tmp_path_factory):
     """`mlflow models serve` of the champion, batch limit SERVE_BATCH, default request-size limit."""
     log_path = tmp_path_factory.mktemp("serve-limits") / "serve.log"
-    port = _free_port()
-    bin_dir = str(Path(sys.executable).parent)  # uvicorn lives beside the interpreter
-    env = dict(os.environ, MLFLOW_TRACKING_URI=served["uri"], PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
-    env[S.MAX_BATCH_ENV] = str(SERVE_BATCH)
-    env.pop(S.MAX_REQUEST_BYTES_ENV, None)
-    log = log_path.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION, "--env-manager",
-                             "local", "--host", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        up = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    up = r.status == 200
-                    break
-            except OSError:
-                time.sleep(0.5)
-        assert up, "server did not answer /ping within 120 s:\n" + log_path.read_text()[-3000:]
-        yield {"base": base, "port": port, "pid": proc.pid, "log": log_path,
+    with mlflow_serve(CHAMPION, served["uri"], log_path, env_extra={S.MAX_BATCH_ENV: str(SERVE_BATCH)},
+                      drop_env=(S.MAX_REQUEST_BYTES_ENV,)) as (base, port, pid):
+        yield {"base": base, "port": port, "pid": pid, "log": log_path,
                "limit": S.default_max_request_bytes(ITEM, SERVE_BATCH)}
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
 
 
 def _raw_post(server, body: bytes) -> tuple[int, str]:

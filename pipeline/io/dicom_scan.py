@@ -216,9 +216,9 @@ def _frames_multiframe(path: Path, ds: Dataset) -> list[Frame]:
         mr_echo = item("MREchoSequence")
         stack_id = str(content.get("StackID", "")) if content else ""
         temporal = as_int(content.get("TemporalPositionIndex")) if content else 0
-        dim_index = tuple(int(v) for v in (content.get("DimensionIndexValues") or [])) if content else ()
-        if isinstance(dim_index, int):
-            dim_index = (dim_index,)
+        dims = content.get("DimensionIndexValues") if content else None
+        # One value (VM 1, e.g. a Parametric Map's) comes back from pydicom as an int, not a list.
+        dim_index = (int(dims),) if isinstance(dims, int) else tuple(int(v) for v in (dims or []))
         echo = _num(mr_echo.get("EffectiveEchoTime"), 0.0) if mr_echo else 0.0
         frames.append(Frame(
             file=path, index=i, layout="multiframe", ipp=ipp, row_cos=row, col_cos=col,

@@ -2,7 +2,9 @@
 
 Required columns: case_id, patient_id, modality (CT or MR), path, label.
 Optional: split (train/val/test), series_uid (pick one series in a folder), mask_path.
-Relative paths resolve against the manifest file's own folder. The file is UTF-8 text (a BOM is allowed).
+Relative paths resolve against the manifest file's own folder; a path ``dicomweb:<StudyInstanceUID>``
+(optionally ``/<SeriesInstanceUID>``) names a study on the `pacs.url` DICOMweb server.
+The file is UTF-8 text (a BOM is allowed).
 
 `case_id` and `patient_id` are safe ids (`pipeline.layout.SAFE_ID`): 1 to 128 characters from
 A-Z a-z 0-9 . _ -, starting with a letter or a digit; the case_id names the case's files.
@@ -35,6 +37,7 @@ from pipeline.core.splits import assign_splits
 from pipeline.errors import ManifestError
 from pipeline.io.index import LABEL_SEPARATOR
 from pipeline.layout import SAFE_ID_RULE, is_safe_id
+from pipeline.sources.dicomweb import is_remote, parse_ref
 
 REQUIRED = ("case_id", "patient_id", "modality", "path", "label")
 OPTIONAL = ("split", "series_uid", "mask_path")
@@ -63,6 +66,8 @@ class CaseRow:
 
 
 def _resolve(base: Path, value: str) -> Path:
+    if is_remote(value):  # a study on the DICOMweb server (pipeline.sources.dicomweb), not a file
+        return Path(value)
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
 
@@ -167,6 +172,17 @@ def _id_problem(column: str, value: str) -> str:
     return "" if is_safe_id(value) else f"{column} is not a safe id ({SAFE_ID_RULE})"
 
 
+def _remote_problem(path: str, series_uid: str) -> str:
+    """Why a ``dicomweb:`` path is not a study reference ("" when it is, or is a local path)."""
+    if not is_remote(path):
+        return ""
+    try:
+        parse_ref(path, series_uid)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
 def _row_problems(r: dict, n: int, seen: set[str], label_problem: str) -> Iterator[str]:
     """What may be wrong with row `r` (manifest line `n`), most important first ("" where a check passes).
     `seen`: the ids of earlier rows, lowercased: ids that differ only in letter case are one file on a
@@ -182,6 +198,7 @@ def _row_problems(r: dict, n: int, seen: set[str], label_problem: str) -> Iterat
         yield "empty path"
     if "\0" in r["path"] + r.get("mask_path", ""):
         yield "a path holds a NUL character"
+    yield _remote_problem(r["path"], r.get("series_uid", ""))
     yield label_problem
     split = r.get("split", "").lower()
     if split and split not in SPLITS:

@@ -7,6 +7,8 @@ Two passes, as nnU-Net does:
 3. *finalize* (parallel, skipped when the tensor for the same source and plan exists):
    resample, normalize, crop/pad, write one .npy (no pickle, memory-mappable) per case.
 Every manifest row ends `ok` or `rejected` with a reason; no PHI reaches any output.
+A ``dicomweb:`` row is retrieved from `pacs.url` into its own cache first (inside the case's worker,
+so its time limit covers the transfer); a server that fails rejects that case only.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ from pipeline.io.folder_lock import folder_lock, remove_temp_files
 from pipeline.io.index import IngestSummary, label_text, remove_stale, write_index, write_splits
 from pipeline.layout import IngestDir
 from pipeline.progress import progress_map
+from pipeline.sources.dicomweb import is_remote, parse_ref, retrieve
 from pipeline.sources.manifest import CaseRow, read_manifest, split_rows
 
 READER_VERSION = "2"  # bump when reading/canonicalisation changes, to invalidate caches
@@ -79,6 +82,10 @@ def _prepare(task: dict) -> dict:
     try:
         if row.problem:
             raise RejectedCase("bad_manifest_row", row.problem)
+        if is_remote(row.path):  # a study on the DICOMweb server: retrieved (or found) in its cache first
+            got = retrieve(parse_ref(row.path, row.series_uid), task["pacs"], row.modality, reader.max_case_bytes,
+                           task["time_limit_s"])
+            row = replace(row, path=got.folder)
         if not row.path.exists():
             raise RejectedCase("missing_path", "the manifest path does not exist")
         if not os.access(row.path, os.R_OK):
@@ -212,7 +219,8 @@ def _run(params: Params, rows: list[CaseRow], out: Path, cache: Path, progress: 
     cfg = params.ingest
     remove_temp_files(cache, out, IngestDir(out).tensors, IngestDir(out).masks)
     reader = reader_settings(params)
-    tasks = [{"row": r, "reader": reader, "cache": cache} for r in rows]
+    tasks = [{"row": r, "reader": reader, "cache": cache, "pacs": params.pacs, "time_limit_s": cfg.case_timeout_s}
+             for r in rows]
     prepared = progress_map(_prepare, tasks, cfg.workers, "reading", progress, cfg.case_timeout_s,
                             _failed("reading"))
     for n, (p, r) in enumerate(zip(prepared, rows)):

@@ -19,11 +19,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ExplainConfig
+from pipeline.config import ExplainConfig, PacsConfig
 from pipeline.errors import RegistryError, unexpected_reason
 
 
@@ -140,21 +141,79 @@ def _label_decisions(impl, a) -> tuple[dict, list[str]]:
     return decision, why
 
 
+def label_results(impl, rec: dict) -> list:
+    """The decisions of one predicted study as `LabelResult`s for the SR: the positive class of a binary
+    model (at its threshold), every class of a multi-class one, every label of a multi-label one."""
+    from pipeline.io.dicom_results import LabelResult
+
+    rule, refer, dec = impl.rule, bool(rec["referral"]["refer"]), rec["decision"]
+    if rule.multi_label:
+        return [LabelResult(n, d["probability"], bool(d["decision"]), d["threshold"], dec["rule"], refer)
+                for n, d in dec["labels"].items()]
+    probs = rec["probabilities"]
+    if rule.binary:
+        positive = impl.class_names[1]
+        return [LabelResult(positive, probs[positive], dec["class"] == positive, rule.threshold, dec["rule"], refer)]
+    return [LabelResult(n, p, dec["class"] == n, None, dec["rule"], refer) for n, p in probs.items()]
+
+
+def model_identity(model_uri: str, name: str | None, version: str | None):
+    from pipeline.io.dicom_results import ModelIdentity, software_version
+
+    alias = model_uri.rsplit("@", 1)[1] if model_uri.startswith("models:/") and "@" in model_uri else None
+    return ModelIdentity(uri=model_uri, name=name, version=version, alias=alias, software_version=software_version())
+
+
+def _dicom_results(impl, rec: dict, source: Path, native, explained: str, identity, pacs: PacsConfig | None,
+                   folder: Path | None) -> dict:
+    """SR + Parametric Map + SC for one study: stored into its study on the PACS (`pacs`), or saved in `folder`.
+    Returns what was written (counts, never UIDs: the record is research-side)."""
+    from pipeline.io.dicom_results import result_objects
+    from pipeline.sources.dicomweb import store
+
+    objs = result_objects(source, label_results(impl, rec), identity, native, explained,
+                          max_bytes=impl.plan.reader.max_case_bytes)
+    counts = {k: len(v) for k, v in objs.items()}
+    if pacs is not None:
+        store([ds for v in objs.values() for ds in v], pacs)
+        return {"stored_to": "pacs", **counts}
+    for kind, items in objs.items():
+        for k, ds in enumerate(items):
+            name = f"{kind}.dcm" if len(items) == 1 and kind != "secondary_capture" else f"{kind}/{k + 1:04d}.dcm"
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(folder / name, enforce_file_format=True)
+    return {"stored_to": "folder", **counts}
+
+
+def _reject(rec: dict, err: Exception, doing: str) -> dict:
+    from pipeline.errors import RejectedCase
+
+    if isinstance(err, RejectedCase):
+        return rec | {"code": err.code, "reason": err.reason}
+    return rec | {"code": "unexpected_error", "reason": unexpected_reason(err, doing)}
+
+
 def run_predict(model_uri: str, paths: list[Path | str], out_dir: Path | str, modality: str | None = None,
                 saliency: bool = False, tracking_uri: str | None = None, progress: bool = True,
-                explain: ExplainConfig | None = None) -> dict:
+                explain: ExplainConfig | None = None, pacs: PacsConfig | None = None, dicom_results: bool = False,
+                dicom_out: Path | str | None = None) -> dict:
     """Predict every study in `paths`; writes OUT/<study-id>.json (and a saliency NIfTI with `saliency`).
 
+    A path ``dicomweb:<StudyInstanceUID>[/<SeriesInstanceUID>]`` is retrieved from `pacs.url` first.
+    With `dicom_results`, a DICOM study also gets a TID 1500 SR, a Parametric Map and a burned-in SC:
+    stored back into its study on the PACS for a dicomweb input, written to `dicom_out`/<study-id>/ for
+    a local folder (those files are PACS-side: they carry the source's identity and UIDs; OUT does not).
     The map uses `explain` (method, layer, shifts, class) — by default the params' defaults, the
     same as the explain stage's — and explains the class the calibrated decision chose.
     """
     import mlflow
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from pipeline.errors import RejectedCase
     from pipeline.io.artifacts import save_json
+    from pipeline.sources.dicomweb import is_remote, parse_ref, retrieve
 
-    ex_cfg = explain or ExplainConfig()
-
+    ex_cfg, pacs = explain or ExplainConfig(), pacs or PacsConfig()
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
@@ -163,25 +222,61 @@ def run_predict(model_uri: str, paths: list[Path | str], out_dir: Path | str, mo
     name, version = resolve_model_version(model_uri)
     _, impl = load_registered(model_uri)
     model_fields = {"uri": model_uri, "name": name, "version": version}
+    identity = model_identity(model_uri, name, version)
     records = []
     columns = (TextColumn("[bold]predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, disable=not progress) as bar:
         job = bar.add_task("predict", total=len(paths), info="")
         for i, path in enumerate(paths):
-            sid = study_id(path)
-            rec, prep = predict_one(impl, path, modality)
-            rec = {"study_id": sid, "input_index": i, **rec, "model": model_fields,
-                   "created_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()}
-            if saliency and prep is not None:
+            remote, t0 = is_remote(path), time.perf_counter()
+            sid = study_id(f"{pacs.url.rstrip('/')}/{os.fspath(path)}" if remote else path)
+            timing: dict = {}
+            rec, prep, local = None, None, Path(path)
+            if remote:
+                try:
+                    got = retrieve(parse_ref(path), pacs, modality, impl.plan.reader.max_case_bytes)
+                    local = got.folder
+                    timing |= {"retrieve_s": round(got.seconds, 3), "instances_retrieved": got.n_retrieved,
+                               "instances_cached": got.n_cached}
+                except (RejectedCase, ValueError) as err:
+                    why = err if isinstance(err, RejectedCase) else RejectedCase("bad_reference", str(err))
+                    rec = {"status": "rejected", "reason_code": why.code, "reason": why.reason}
+            if rec is None:
+                t1 = time.perf_counter()
+                rec, prep = predict_one(impl, local, modality)
+                timing["predict_s"] = round(time.perf_counter() - t1, 3)
+            rec = {"study_id": sid, "input_index": i, "source": "dicomweb" if remote else "local", **rec,
+                   "model": model_fields, "created_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()}
+            dicom_input = prep is not None and local.is_dir()
+            native, explained = None, ""
+            if prep is not None and (saliency or (dicom_results and dicom_input)):
+                t1 = time.perf_counter()
                 try:
                     ex, native = explain_study(impl, prep, ex_cfg.class_index, ex_cfg.method, ex_cfg.target_layer,
                                                ex_cfg.shifts)
-                    rec["saliency"] = _write_saliency(native, prep, out, sid)
-                    rec["saliency_class"] = impl.class_names[ex.explained_class]
+                    explained = impl.class_names[ex.explained_class]
+                    if saliency:
+                        rec["saliency"] = _write_saliency(native, prep, out, sid)
+                        rec["saliency_class"] = explained
                 except Exception as err:  # noqa: BLE001 - a failed map must not lose the prediction
                     rec["saliency"] = None
                     rec["saliency_error"] = unexpected_reason(err, "computing the saliency map", sid)
+                timing["saliency_s"] = round(time.perf_counter() - t1, 3)
+            if dicom_results and prep is not None:
+                t1 = time.perf_counter()
+                if not dicom_input:
+                    rec["dicom_results"] = {"code": "not_dicom_input",
+                                            "reason": "DICOM results need a DICOM source series (this is NIfTI)"}
+                else:
+                    try:
+                        rec["dicom_results"] = _dicom_results(
+                            impl, rec, local, native, explained, identity, pacs if remote else None,
+                            None if remote else Path(dicom_out or out.with_name(out.name + "-dicom")) / sid)
+                    except Exception as err:  # noqa: BLE001 - a failed write must not lose the prediction
+                        rec["dicom_results"] = _reject({"stored_to": None}, err, "writing the DICOM results")
+                timing["store_s"] = round(time.perf_counter() - t1, 3)
+            rec["timing"] = timing | {"total_s": round(time.perf_counter() - t0, 3)}
             save_json(out / f"{sid}.json", rec)
             records.append(rec)
             bar.update(job, advance=1, info=f"{sid}: {rec['status']}")
@@ -190,4 +285,4 @@ def run_predict(model_uri: str, paths: list[Path | str], out_dir: Path | str, mo
             "n_rejected": len(records) - n_ok, "records": records}
 
 
-__all__ = ["run_predict", "predict_one", "study_id", "load_registered", "resolve_model_version"]
+__all__ = ["run_predict", "predict_one", "study_id", "load_registered", "resolve_model_version", "label_results"]
