@@ -70,3 +70,28 @@ def test_dvc_repro_on_a_tiny_cohort(tmp_path):
     shown = run("dvc", "exp", "show", "--md").stdout
     for col in ("test.auroc", "test.auroc_ci95_low", "test.ece", "test.ece_calibrated", "test.brier"):
         assert col in shown, col
+
+    # A DVC remote (a local folder, as README "Sharing data and models: a DVC remote" shows): push the
+    # outputs, then a fresh clone pulls them and `dvc repro` has nothing to do.
+    remote = tmp_path / "dvc-remote"
+    run("dvc", "remote", "add", "-d", "shared", str(remote))
+    run("dvc", "push")
+    assert any(p.is_file() for p in remote.rglob("*"))
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "pipeline outputs tracked, remote configured")
+    clone = tmp_path / "clone"
+    run("git", "clone", "-q", str(work), str(clone))
+    env_clone = dict(env)
+
+    def in_clone(*cmd):
+        r = subprocess.run(cmd, cwd=clone, env=env_clone, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
+        return r
+
+    assert not (clone / "models/model.safetensors").exists()
+    in_clone("dvc", "pull")
+    assert (clone / "models/model.safetensors").read_bytes() == (work / "models/model.safetensors").read_bytes()
+    status = in_clone("dvc", "status").stdout
+    assert "up to date" in status, status
+    again = in_clone("dvc", "repro").stdout
+    assert "Running stage" not in again and ("up to date" in again or "didn't change" in again), again
