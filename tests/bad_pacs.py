@@ -17,7 +17,8 @@ BOUNDARY = "resdx-test-boundary"
 
 
 class BadPacs:
-    """`mode` per series UID: ok | truncated | not_dicom | html_part | missing_one | 404 | 500 | 401 | slow."""
+    """`mode` per series UID: ok | truncated | not_dicom | html_part | missing_one | 404 | 500 | 401 | slow |
+    no_star (406 Not Acceptable for transfer-syntax=*, the default syntax otherwise)."""
 
     def __init__(self, study_uid: str, series: dict[str, list[bytes]], modality: str = "CT"):
         self.study_uid, self.series, self.modality = study_uid, series, modality
@@ -78,6 +79,8 @@ class BadPacs:
                     return self._send(200, json.dumps(items).encode())
                 if len(parts) == 4:
                     pacs.wado_requests += 1
+                    if mode == "no_star" and "transfer-syntax=*" in self.headers.get("Accept", ""):
+                        return self._send(406, b"{}")
                     return self._wado(pacs.series[uid], mode)
                 return self._send(404)
 

@@ -77,6 +77,14 @@ def test_each_bad_answer_has_its_own_reason_and_the_good_series_is_kept(bad_pacs
     assert good.n_retrieved + good.n_cached == 4 and len(list(good.folder.iterdir())) == 4
 
 
+def test_a_server_that_will_not_send_as_stored_is_asked_for_its_default_syntax(bad_pacs, tmp_path):
+    bad_pacs.mode["1.2.3.2.1"] = "no_star"
+    got = retrieve(parse_ref(f"{STUDY}/1.2.3.2.1"), _cfg(bad_pacs.url, tmp_path))
+    assert got.n_retrieved == 4 and bad_pacs.wado_requests == 2
+    assert [a for path, _, a in bad_pacs.requests if path.endswith("1.2.3.2.1")] == [
+        'multipart/related; type="application/dicom"; transfer-syntax=*', 'multipart/related; type="application/dicom"']
+
+
 def test_an_unknown_study_a_down_server_and_a_stalled_one(bad_pacs, tmp_path):
     with pytest.raises(RejectedCase, match="lists no such study") as err:
         retrieve(parse_ref("1.2.9"), _cfg(bad_pacs.url, tmp_path))

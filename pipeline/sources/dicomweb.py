@@ -237,23 +237,36 @@ def _check_part(ctype: str, body: bytes, expected: set[str]) -> str:
     return sop
 
 
+# As stored first (transfer-syntax=*: no transcoding, the bytes the modality sent); a server that will not
+# serve "*" (406 Not Acceptable) is asked again for its default, Explicit VR Little Endian (PS3.18 8.7.3).
+WADO_ACCEPTS = ('multipart/related; type="application/dicom"; transfer-syntax=*',
+                'multipart/related; type="application/dicom"')
+
+
 def _wado_series(http, cfg: PacsConfig, study: str, series: str, expected: set[str], cache: InstanceCache,
                  max_bytes: int, deadline: float) -> int:
-    """WADO-RS one series (all instances as stored: transfer-syntax=*) into the cache; instances received."""
+    """WADO-RS one series into the cache (as stored where the server allows); the instances received."""
+    import requests
+
     url = f"{cfg.url.rstrip('/')}/studies/{study}/series/{series}"
-    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-    try:
-        with http.get(url, headers={"Accept": accept}, stream=True, timeout=cfg.timeout_s) as answer:
-            answer.raise_for_status()
-            got: set[str] = set()
-            parts = iter_parts(answer.iter_content(CHUNK), boundary_of(answer.headers.get("Content-Type", "")),
-                               max_bytes, deadline)
-            for ctype, body in parts:
-                sop = _check_part(ctype, body, expected)
-                cache.put(study, series, sop, body)
-                got.add(sop)
-    except Exception as err:  # noqa: BLE001 - every failure of the server has its own reason
-        raise rejected_for(err) from None
+    got: set[str] = set()
+    for n, accept in enumerate(WADO_ACCEPTS):
+        try:
+            with http.get(url, headers={"Accept": accept}, stream=True, timeout=cfg.timeout_s) as answer:
+                answer.raise_for_status()
+                parts = iter_parts(answer.iter_content(CHUNK), boundary_of(answer.headers.get("Content-Type", "")),
+                                   max_bytes, deadline)
+                for ctype, body in parts:
+                    sop = _check_part(ctype, body, expected)
+                    cache.put(study, series, sop, body)
+                    got.add(sop)
+            break
+        except requests.HTTPError as err:
+            if err.response is not None and err.response.status_code == 406 and n + 1 < len(WADO_ACCEPTS):
+                continue
+            raise rejected_for(err) from None
+        except Exception as err:  # noqa: BLE001 - every failure of the server has its own reason
+            raise rejected_for(err) from None
     missing = expected - got
     if missing:
         raise RejectedCase("pacs_incomplete", f"the server listed {len(expected)} instance(s) of a series "
