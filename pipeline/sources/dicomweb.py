@@ -300,8 +300,11 @@ def retrieve(ref: RemoteStudy, cfg: PacsConfig, modality: str | None = None, max
             out.n_retrieved += len(sops)
         else:
             out.n_cached += len(sops)
-        files += [cache.get(ref.study_uid, uid, sop) for sop in sops]
-    out.folder = cache.view(ref, series, [f for f in files if f is not None])
+        found = [cache.get(ref.study_uid, uid, sop) for sop in sops]
+        if None in found:  # the cache lost a file under us: never a silently shorter series
+            raise RejectedCase("pacs_incomplete", "an instance of the series is missing from the local cache")
+        files += found
+    out.folder = cache.view(ref, series, files)
     out.seconds = time.monotonic() - t0
     return out
 

@@ -168,7 +168,8 @@ def _dicom_results(impl, rec: dict, source: Path, native, explained: str, identi
                    folder: Path | None) -> dict:
     """SR + Parametric Map + SC for one study: stored into its study on the PACS (`pacs`), or saved in `folder`.
     Returns what was written (counts, never UIDs: the record is research-side)."""
-    from pipeline.io.dicom_results import result_objects
+    from pipeline.io.artifacts import atomic_write
+    from pipeline.io.dicom_results import result_objects, write_results
     from pipeline.sources.dicomweb import store
 
     objs = result_objects(source, label_results(impl, rec), identity, native, explained,
@@ -177,11 +178,9 @@ def _dicom_results(impl, rec: dict, source: Path, native, explained: str, identi
     if pacs is not None:
         store([ds for v in objs.values() for ds in v], pacs)
         return {"stored_to": "pacs", **counts}
-    for kind, items in objs.items():
-        for k, ds in enumerate(items):
-            name = f"{kind}.dcm" if len(items) == 1 and kind != "secondary_capture" else f"{kind}/{k + 1:04d}.dcm"
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(folder / name, enforce_file_format=True)
+    write_results(folder, *objs["sr"], *objs["parametric_map"])  # sr.dcm, pmap.dcm
+    for k, sc in enumerate(objs["secondary_capture"]):
+        atomic_write(folder / "sc" / f"{k + 1:04d}.dcm", lambda tmp, sc=sc: sc.save_as(tmp, enforce_file_format=True))
     return {"stored_to": "folder", **counts}
 
 
