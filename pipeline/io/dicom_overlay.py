@@ -148,11 +148,16 @@ def build_overlay_for_pacs(sources: Sequence[Dataset], volume_or_path, native: n
     return images
 
 
-def write_overlay_for_pacs(sources: Sequence[Dataset], volume_or_path, native: np.ndarray, folder: Path,
-                           series_number: int = SC_SERIES_NUMBER) -> list[Path]:
-    """`build_overlay_for_pacs` saved as `folder`/0001.dcm... in k order (atomic writes)."""
+def save_images(images: Sequence[Dataset], folder: Path) -> list[Path]:
+    """`images` saved as `folder`/0001.dcm... in their order (atomic writes); the paths."""
     from pipeline.io.artifacts import atomic_write
 
     folder = Path(folder)
-    return [atomic_write(folder / f"{k + 1:04d}.dcm", lambda tmp, sc=sc: sc.save_as(tmp, enforce_file_format=True))
-            for k, sc in enumerate(build_overlay_for_pacs(sources, volume_or_path, native, series_number))]
+    return [atomic_write(folder / f"{k + 1:04d}.dcm", lambda tmp, im=im: im.save_as(tmp, enforce_file_format=True))
+            for k, im in enumerate(images)]
+
+
+def write_overlay_for_pacs(sources: Sequence[Dataset], volume_or_path, native: np.ndarray, folder: Path,
+                           series_number: int = SC_SERIES_NUMBER) -> list[Path]:
+    """`build_overlay_for_pacs` saved as `folder`/0001.dcm... in k order (atomic writes)."""
+    return save_images(build_overlay_for_pacs(sources, volume_or_path, native, series_number), folder)

@@ -168,7 +168,7 @@ def _dicom_results(impl, rec: dict, source: Path, native, explained: str, identi
                    folder: Path | None) -> dict:
     """SR + Parametric Map + SC for one study: stored into its study on the PACS (`pacs`), or saved in `folder`.
     Returns what was written (counts, never UIDs: the record is research-side)."""
-    from pipeline.io.artifacts import atomic_write
+    from pipeline.io.dicom_overlay import save_images
     from pipeline.io.dicom_results import result_objects, write_results
     from pipeline.sources.dicomweb import store
 
@@ -179,8 +179,7 @@ def _dicom_results(impl, rec: dict, source: Path, native, explained: str, identi
         store([ds for v in objs.values() for ds in v], pacs)
         return {"stored_to": "pacs", **counts}
     write_results(folder, *objs["sr"], *objs["parametric_map"])  # sr.dcm, pmap.dcm
-    for k, sc in enumerate(objs["secondary_capture"]):
-        atomic_write(folder / "sc" / f"{k + 1:04d}.dcm", lambda tmp, sc=sc: sc.save_as(tmp, enforce_file_format=True))
+    save_images(objs["secondary_capture"], folder / "sc")
     return {"stored_to": "folder", **counts}
 
 
