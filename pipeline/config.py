@@ -80,6 +80,10 @@ class DataConfig(_Strict):
     # labels here, in order. MedMNIST takes its own from INFO.
     class_names: list[str] | None = ["no lesion", "lesion"]
     medmnist: MedMNISTConfig = MedMNISTConfig()
+    # Readers' verdicts from the review report (`resdx review import`): one CSV per reader.
+    reviews_dir: Path = Path("data_manifests/reviews")
+    # A reader's corrected label replaces the manifest's only when opted in; index.csv records its source.
+    use_review_labels: bool = False
 
 
 class SplitConfig(_Strict):
@@ -247,6 +251,9 @@ class ExplainConfig(_Strict):
     max_cases: int = Field(200, ge=1)
     write_dicom: bool = True
     batch_size: int = Field(4, ge=1)
+    # The report's per-case viewer embeds the native volume and map; above this many voxels both are
+    # block-averaged by the smallest integer factor that fits (pipeline/reporting/viewer_data.py).
+    viewer_max_voxels: int = Field(524_288, ge=4096)
 
 
 class RegisterConfig(_Strict):

@@ -184,6 +184,50 @@ def test_report_and_sanity_are_written(explained):
     assert (tmp / "explain/contact_sheet.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _embedded(html: str, element_id: str) -> nib.Nifti1Image:
+    import base64
+    import gzip
+    import re
+
+    found = re.search(rf'<script type="text/plain" id="{element_id}"[^>]*>([^<]*)</script>', html)
+    assert found, element_id
+    return nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(found.group(1))))
+
+
+def test_report_viewer_embeds_the_native_scan_and_the_overlay(explained, demo_cohort):
+    """Each case's viewer holds the source re-read on its own grid (HU for CT) and the NIfTI overlay's map."""
+    from pipeline.config import ExplainConfig
+    from pipeline.io.dicom import read_dicom_series
+    from pipeline.reporting.viewer import block_affine, block_factor, block_mean
+    from pipeline.sources.manifest import read_manifest
+
+    tmp, _ = explained
+    html = (tmp / "explain/report.html").read_text()
+    assert html.count("var niivue=") == 1
+    rows = {r.case_id: r for r in read_manifest(demo_cohort)}
+    factors = set()
+    for n, c in enumerate(csv.DictReader((tmp / "explain/cases.csv").open())):
+        vol, cam = _embedded(html, f"vd-{n}-vol"), _embedded(html, f"vd-{n}-map")
+        overlay = nib.load(tmp / "explain" / c["overlay"])
+        src = rows[c["case_id"]].path
+        ref = read_dicom_series(src).data if src.is_dir() else np.asarray(nib.load(src).dataobj, dtype=np.float32)
+        assert overlay.shape == ref.shape[:3]
+        f = block_factor(ref.shape[:3], ExplainConfig().viewer_max_voxels)  # the demo has cases with f = 1 and 2
+        factors.add(f)
+        assert vol.shape == block_mean(ref, f).shape
+        np.testing.assert_allclose(vol.affine, block_affine(overlay.affine, f), atol=1e-4)
+        want = block_mean(ref, f)
+        if f > 1 and src.is_dir():
+            want = np.round(want)  # block means of integer HU are stored as int16
+        np.testing.assert_allclose(np.asarray(vol.dataobj, dtype=np.float64), want, atol=2e-3 * np.abs(ref).max())
+        o = block_mean(np.asarray(overlay.dataobj), f)
+        assert np.abs(np.asarray(cam.dataobj, dtype=np.float64) - o).max() <= o.max() / 255 + 1e-6
+        for img in (vol, cam):  # nothing from the source's header travels
+            assert img.header["descrip"].tobytes().strip(b"\0") == b""
+            assert img.header["db_name"].tobytes().strip(b"\0") == b""
+    assert 1 in factors
+
+
 def test_slice_model_maps_fill_the_slices_between_the_bag():
     from pipeline.core.models import ModelSpec, build_model
 

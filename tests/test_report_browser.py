@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from browser import ARTIFACTS, chromium_context
 
+from pipeline.core.review import CSV_COLUMNS, case_set_id
 from pipeline.reporting.report import build_report, contact_sheet, write_report
 
 PROBS = [0.91, 0.12, 0.55, 0.73, 0.08, 0.64, 0.33, 0.97]
@@ -147,10 +148,12 @@ def test_contact_sheet(report_inputs, tmp_path):
 def _expected_csv(cases: list[dict], marks: dict[str, tuple[str, str]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\r\n")
-    w.writerow(["case_id", "label", "probability", "decision", "review", "comment"])
+    w.writerow(CSV_COLUMNS)
+    case_set = case_set_id(c["case_id"] for c in cases)
     for c in cases:
         review, comment = marks.get(c["case_id"], ("", ""))
-        w.writerow([c["case_id"], c["label"], repr(c["probability"]), c["decision"], review, comment])
+        w.writerow([c["case_id"], c["label"], repr(c["probability"]), c["decision"], review, comment, "", "",
+                    case_set])
     return buf.getvalue()
 
 

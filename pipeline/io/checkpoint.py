@@ -35,6 +35,16 @@ def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, folder: Path, extra
     save_json(folder / SPEC, {"spec": spec.to_dict(), **extra})
 
 
+def model_id(folder: Path | str) -> str:
+    """The model's identity for review files: a hash of its weights file (pipeline/core/review.py)."""
+    from pipeline.core.review import model_id_of
+
+    path = ModelDir(folder).weights
+    if not path.exists():
+        raise MissingInput(f"{path} is missing", hint="run the train stage first")
+    return model_id_of(path.read_bytes())
+
+
 def load_checkpoint(folder: Path | str, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the network from `model.json` and load `model.safetensors` (strict). Eval mode."""
     folder = Path(folder)

@@ -8,7 +8,10 @@ unsure + comment) that exports a CSV in the browser (Blob + download link, no se
 
 The page is the Jinja2 template ``templates/report.html.j2``; it inlines ``templates/report.css`` and
 ``templates/report.js``. Autoescaping is on: every value is HTML-escaped on output (by ``html.escape``, see
-``_finalize``); only the CSP constant and the model card's Markdown rendering are marked safe.
+``_finalize``); only the CSP constant, the model card's Markdown rendering and the vendored Niivue bundle
+(checked against its pinned hash, pipeline/reporting/viewer.py) are marked safe. A case with a 3D map also
+carries its volume and map for the viewer (``case["viewer"]``, a `ViewerCase`), and earlier readers' verdicts
+(``case["verdicts"]``) are shown beside it.
 Nothing is looked up: the report prints only what it is given.
 """
 
@@ -27,13 +30,13 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from pipeline.core.review import REVIEW_CHOICES, case_set_id
 from pipeline.io.artifacts import save_bytes, save_text
 from pipeline.reporting import report_format as F
+from pipeline.reporting.viewer import niivue_script
 
 __all__ = ["build_report", "write_report", "contact_sheet"]
 
-REVIEW_CHOICES = ("agree", "disagree", "unsure")
-CSV_COLUMNS = ("case_id", "label", "probability", "decision", "review", "comment")  # report.js writes these
 
 TEMPLATES = Path(__file__).with_name("templates")
 _CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
@@ -140,7 +143,14 @@ def _case(index: int, case: Mapping) -> dict:
         "correct_attr": "1" if correct is True else ("0" if correct is False else ""),
         "badge": badge,
         "images": [{"src": F.data_uri(png), "name": names[i]} for i, png in enumerate(images)],
+        "viewer": case.get("viewer"),
+        "verdicts": list(case.get("verdicts") or []),
+        "prior_reviews": " ".join(sorted({str(_get(v, "review")) for v in case.get("verdicts") or []})),
     }
+
+
+def _get(item: Any, key: str) -> Any:
+    return item.get(key) if isinstance(item, Mapping) else getattr(item, key, None)
 
 
 def _label_options(cases: Sequence[Mapping]) -> list[tuple[str, str]]:
@@ -155,6 +165,9 @@ def _context(summary: Mapping, cases: Sequence[Mapping]) -> dict:
     parts = (model.get("name"), model.get("version") and f"v{model.get('version')}",
              model.get("run_id") and f"run {model.get('run_id')}")
     md = summary.get("model_card_md")
+    rows = [_case(i, c) for i, c in enumerate(cases)]
+    has_viewer = any(r["viewer"] for r in rows)
+    names = summary.get("class_names")
     return {
         "csp": Markup(_CSP),
         "title": "ResDx review report",
@@ -168,8 +181,16 @@ def _context(summary: Mapping, cases: Sequence[Mapping]) -> dict:
         "sanity": _sanity(summary),
         "model_card": _markdown_html(str(md)) if md else None,
         "label_options": _label_options(cases),
-        "cases": [_case(i, c) for i, c in enumerate(cases)],
+        "cases": rows,
         "review_choices": REVIEW_CHOICES,
+        # What an exported verdict file names (pipeline/core/review.py); `resdx review import` checks both.
+        "model_id": summary.get("model_id", ""),
+        "case_set": case_set_id(str(c.get("case_id")) for c in cases),
+        # A corrected label: one of the classes (a select), or for multi-label a ';'-joined vector (a text box).
+        "class_options": [] if summary.get("multi_label") or not names else [(str(k), n) for k, n in
+                                                                             enumerate(names)],
+        "has_viewer": has_viewer,
+        "niivue": Markup(niivue_script()) if has_viewer else "",
     }
 
 

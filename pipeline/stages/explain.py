@@ -33,11 +33,12 @@ from pipeline.core.saliency import class_map, explain_case, randomized_copy, to_
 from pipeline.core.volume import Volume
 from pipeline.errors import MissingInput
 from pipeline.io.artifacts import save_csv, save_json
-from pipeline.io.checkpoint import load_checkpoint
+from pipeline.io.checkpoint import load_checkpoint, model_id
 from pipeline.io.nifti import write_nifti
-from pipeline.io.tensors import load_split, read_native_mask, read_sidecar
+from pipeline.io.tensors import load_split, read_native_mask, read_plan, read_sidecar
 from pipeline.layout import ExplainDir, ReportDir
 from pipeline.reporting.figures import orthogonal_views
+from pipeline.reporting.viewer import ViewerCase, viewer_case
 
 
 def load_rule(params: Params, info: dict) -> DecisionRule:
@@ -61,6 +62,7 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
     names = list(rule.class_names)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "dicom").mkdir(parents=True, exist_ok=True)  # a DVC output even when no input is DICOM
+    sources = _sources(params)
 
     cases, loc, rand_stats, overlays = [], [], [], []
     for split in cfg.splits:
@@ -79,7 +81,7 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
             rand_stats.append(S.spearman_ssim(ex.cam, cam_rand))
             label, label_name, decision, correct, annotated = _truth(rule, ex, data.labels[n], names)
             p_shown = float(ex.probs[ex.explained_class] if rule.multi_label else rule.score(ex.probs[None])[0])
-            rel = ""
+            rel, native = "", None
             if ex.cam.ndim == 3 and side:
                 native = to_native(ex.cam, side["tensor_affine"], side["native_shape"], side["native_affine"])
                 rel = f"overlays/{cid}_saliency.nii.gz"
@@ -103,12 +105,15 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
                 "correct": correct, "uncertainty": ex.uncertainty,
                 "referred": ex.referred,
                 "images": [orthogonal_views(x[0].numpy(), ex.cam, title)], "overlay_path": rel,
+                "viewer": _viewer(params, sources, cid, x[0].numpy(), ex.cam, side, native),
             })
     sanity = S.summarize(rand_stats, loc)
     if cfg.write_dicom:
         sanity["dicom_series_written"] = _write_dicom_overlays(params, overlays, out / "dicom")
     save_json(ExplainDir(out).sanity, sanity)
-    write_report(out / "report.html", _report_summary(params, info, sanity), cases)
+    summary = _report_summary(params, info, sanity)
+    summary.update(model_id=model_id(params.train.out_dir), class_names=names, multi_label=rule.multi_label)
+    write_report(out / "report.html", summary, cases)
     contact_sheet(cases, out / "contact_sheet.png")
     save_csv(out / "cases.csv", ["case_id", "split", "label", "calibrated_probability", "decision",
                                  "explained_class", "overlay", "uncertainty", "referred"],
@@ -116,6 +121,38 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
                c["overlay_path"], f"{c['uncertainty']:.6f}", int(c["referred"])] for c in cases])
     _log_mlflow(params, out, sanity, cases)
     return {"n_cases": len(cases), "sanity": sanity, "report": str(out / "report.html")}
+
+
+def _sources(params: Params) -> dict:
+    """case id -> manifest row and the plan's reader settings, to re-read a case's native volume for the viewer."""
+    if params.data.source != "manifest":
+        return {}
+    from pipeline.sources.manifest import read_manifest
+
+    reader = read_plan(params.ingest.out_dir).reader
+    return {r.case_id: (r, reader) for r in read_manifest(params.data.manifest) if not r.problem}
+
+
+def _viewer(params: Params, sources: dict, cid: str, x: np.ndarray, cam: np.ndarray, side: dict,
+            native: np.ndarray | None) -> ViewerCase | None:
+    """The case's scan and map for the report's viewer: the source re-read on its native grid (the values a
+    radiologist knows, e.g. HU) with the native map, or else the model's input with the tensor-grid map."""
+    from pipeline.errors import ResDxError
+    from pipeline.io.reader import read_case
+
+    if cam.ndim != 3:
+        return None
+    limit = params.explain.viewer_max_voxels
+    if native is not None and cid in sources:
+        row, reader = sources[cid]
+        try:
+            volume = read_case(row.path, row.modality, reader, row.series_uid)
+        except (ResDxError, OSError):  # a source gone or unreadable since ingest: fall back to the input
+            volume = None
+        if volume is not None and volume.data.shape == native.shape:
+            return viewer_case(volume.data, native, volume.affine, row.modality, limit)
+    affine = np.asarray(side.get("tensor_affine", np.eye(4)), dtype=np.float64)
+    return viewer_case(x, cam, affine, "", limit, grid="model input")
 
 
 def _truth(rule: DecisionRule, ex, y, names: list[str]) -> tuple:

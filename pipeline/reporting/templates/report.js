@@ -2,6 +2,9 @@
   "use strict";
   var REPORT_ID = document.documentElement.getAttribute("data-report-id") || "";
   var STORE = "resdx-review:" + REPORT_ID;
+  var FILTERS = "resdx-filters:" + REPORT_ID;
+  var MODEL_ID = document.documentElement.getAttribute("data-model-id") || "";
+  var CASE_SET = document.documentElement.getAttribute("data-case-set") || "";
   var tbody = document.getElementById("case-rows");
   function $(id) { return document.getElementById(id); }
   function rows() { return Array.prototype.slice.call(tbody.querySelectorAll("tr.case")); }
@@ -34,25 +37,52 @@
     });
     rs.forEach(function (r) { tbody.appendChild(r); });
   }
+  function priorHas(row, review) { return (" " + row.dataset.prior + " ").indexOf(" " + review + " ") >= 0; }
   function applyFilter() {
-    var lab = $("f-label").value, cor = $("f-correct").value;
+    var lab = $("f-label").value, cor = $("f-correct").value, rev = $("f-review").value;
+    var referred = $("f-referred").checked;
     var lo = num($("f-pmin").value), hi = num($("f-pmax").value);
     var shown = 0, all = rows();
     all.forEach(function (r) {
-      var p = num(r.dataset.probability), ok = true;
+      var p = num(r.dataset.probability), ok = true, mine = reviewOf(r).review;
       if (lab !== "" && r.dataset.label !== lab) ok = false;
       if (cor !== "" && r.dataset.correct !== cor) ok = false;
       if (lo !== null && (p === null || p < lo)) ok = false;
       if (hi !== null && (p === null || p > hi)) ok = false;
+      if (referred && r.dataset.referred !== "1") ok = false;
+      if (rev === "none" && mine !== "") ok = false;
+      if (rev === "prior-disagree" && !priorHas(r, "disagree")) ok = false;
+      if (rev !== "" && rev !== "none" && rev !== "prior-disagree" && mine !== rev) ok = false;
       r.hidden = !ok;
       if (ok) shown++;
     });
     $("shown-count").textContent = "Showing " + shown + " of " + all.length + " cases";
   }
+  /* Sort and filter settings survive a reload (localStorage, keyed by report id like the marks). */
+  var FILTER_IDS = ["sort-key", "sort-dir", "f-label", "f-correct", "f-pmin", "f-pmax", "f-review", "f-referred"];
+  function saveFilters() {
+    var f = {};
+    FILTER_IDS.forEach(function (id) { var e = $(id); f[id] = e.type === "checkbox" ? e.checked : e.value; });
+    try { window.localStorage.setItem(FILTERS, JSON.stringify(f)); } catch (e) { /* storage unavailable */ }
+  }
+  function restoreFilters() {
+    var f = null;
+    try { f = JSON.parse(window.localStorage.getItem(FILTERS) || "null"); } catch (e) { f = null; }
+    if (!f) return;
+    FILTER_IDS.forEach(function (id) {
+      var e = $(id);
+      if (!(id in f)) return;
+      if (e.type === "checkbox") e.checked = !!f[id];
+      else if (e.tagName !== "SELECT" || Array.prototype.some.call(e.options, function (o) { return o.value === f[id]; }))
+        e.value = f[id];
+    });
+  }
 
   function reviewOf(row) {
     var c = row.querySelector("input[type=radio]:checked");
-    return {review: c ? c.value : "", comment: row.querySelector("textarea.comment").value};
+    var corr = row.querySelector(".corrected");
+    return {review: c ? c.value : "", comment: row.querySelector("textarea.comment").value,
+            corrected: corr ? corr.value.trim() : ""};
   }
   function paint(row) {
     var v = reviewOf(row).review;
@@ -67,7 +97,7 @@
     var marks = {};
     rows().forEach(function (r) {
       var v = reviewOf(r);
-      if (v.review || v.comment) marks[r.dataset.caseId] = v;
+      if (v.review || v.comment || v.corrected) marks[r.dataset.caseId] = v;
     });
     try { window.localStorage.setItem(STORE, JSON.stringify(marks)); } catch (e) { /* storage unavailable */ }
   }
@@ -80,6 +110,8 @@
       if (!v) return;
       r.querySelectorAll("input[type=radio]").forEach(function (i) { i.checked = i.value === v.review; });
       r.querySelector("textarea.comment").value = v.comment || "";
+      var corr = r.querySelector(".corrected");
+      if (corr) corr.value = v.corrected || "";
       paint(r);
     });
   }
@@ -95,11 +127,13 @@
   }
   /* All cases (filtered or not), in the original order; RFC 4180 quoting and CRLF line ends. */
   function buildCSV() {
-    var lines = [["case_id", "label", "probability", "decision", "review", "comment"]];
+    var lines = [["case_id", "label", "probability", "decision", "review", "comment", "corrected_label", "model_id",
+                  "case_set"]];
     rows().slice().sort(function (a, b) { return num(a.dataset.index) - num(b.dataset.index); })
       .forEach(function (r) {
         var v = reviewOf(r), d = r.dataset;
-        lines.push([d.caseId, d.label, d.probability, d.decision, v.review, v.comment]);
+        lines.push([d.caseId, d.label, d.probability, d.decision, v.review, v.comment, v.corrected, MODEL_ID,
+                    CASE_SET]);
       });
     return lines.map(function (l) { return l.map(csvField).join(","); }).join("\r\n") + "\r\n";
   }
@@ -117,21 +151,73 @@
   }
   window.resdxReviewCSV = buildCSV;
 
-  ["sort-key", "sort-dir"].forEach(function (id) { $(id).addEventListener("change", applySort); });
-  ["f-label", "f-correct", "f-pmin", "f-pmax"].forEach(function (id) {
-    $(id).addEventListener("change", applyFilter);
-    $(id).addEventListener("input", applyFilter);
+  ["sort-key", "sort-dir"].forEach(function (id) {
+    $(id).addEventListener("change", function () { applySort(); saveFilters(); });
+  });
+  ["f-label", "f-correct", "f-pmin", "f-pmax", "f-review", "f-referred"].forEach(function (id) {
+    $(id).addEventListener("change", function () { applyFilter(); saveFilters(); });
+    $(id).addEventListener("input", function () { applyFilter(); saveFilters(); });
   });
   $("f-reset").addEventListener("click", function () {
     $("f-label").value = ""; $("f-correct").value = ""; $("f-pmin").value = "0"; $("f-pmax").value = "1";
-    applyFilter();
+    $("f-review").value = ""; $("f-referred").checked = false;
+    applyFilter(); saveFilters();
+  });
+
+  /* The selected case: highlighted, scrolled into view, and shown in the viewer (viewer.js). */
+  var selected = null;
+  function select(row, scroll) {
+    if (!row) return;
+    if (selected) selected.classList.remove("selected");
+    selected = row;
+    row.classList.add("selected");
+    row.setAttribute("aria-current", "true");
+    if (scroll) row.scrollIntoView({block: "nearest"});
+    if (window.resdxViewer) window.resdxViewer.open(row);
+  }
+  function shownRows() { return rows().filter(function (r) { return !r.hidden; }); }
+  function isDisagreement(r) {
+    return r.dataset.correct === "0" || reviewOf(r).review === "disagree" || priorHas(r, "disagree");
+  }
+  function step(dir, test) {
+    var list = shownRows(), at = selected ? list.indexOf(selected) : -1;
+    for (var k = 1; k <= list.length; k++) {
+      var i = at + dir * k;
+      if (i < 0 || i >= list.length) break;
+      if (!test || test(list[i])) { select(list[i], true); return true; }
+    }
+    return false;
+  }
+  window.resdxSelect = function (caseIndex) { select($("case-" + caseIndex), true); };
+  document.addEventListener("keydown", function (ev) {
+    var t = ev.target;
+    if (ev.ctrlKey || ev.metaKey || ev.altKey || (t && t.matches && t.matches("input, textarea, select"))) return;
+    var marks = {a: "agree", x: "disagree", u: "unsure"};
+    if (ev.key === "n") step(1);
+    else if (ev.key === "p") step(-1);
+    else if (ev.key === "d") step(1, isDisagreement);
+    else if (marks[ev.key] && selected) {
+      var input = selected.querySelector('input[value="' + marks[ev.key] + '"]');
+      input.checked = true;
+      input.dispatchEvent(new Event("change", {bubbles: true}));
+    } else return;
+    ev.preventDefault();
+  });
+  tbody.addEventListener("click", function (ev) {
+    if (ev.target.closest("input, textarea, select, label, img.slice")) return;
+    var row = ev.target.closest("tr.case");
+    if (row) select(row, false);
+  });
+  ["v-prev", "v-next", "v-next-dis"].forEach(function (id, k) {
+    var b = $(id);
+    if (b) b.addEventListener("click", function () { if (k === 0) step(-1); else if (k === 1) step(1); else step(1, isDisagreement); });
   });
   $("export-csv").addEventListener("click", exportCSV);
   tbody.addEventListener("change", function (ev) {
     var row = ev.target.closest("tr.case");
     if (row) { paint(row); countReviewed(); save(); }
   });
-  tbody.addEventListener("input", function (ev) { if (ev.target.matches("textarea")) save(); });
+  tbody.addEventListener("input", function (ev) { if (ev.target.matches("textarea, input.corrected")) save(); });
   function zoom(ev) {
     if (ev.target.matches && ev.target.matches("img.slice") &&
         (ev.type === "click" || ev.key === "Enter" || ev.key === " ")) {
@@ -145,6 +231,10 @@
     document.querySelectorAll("details").forEach(function (d) { d.setAttribute("open", ""); });
   });
   restore();
+  restoreFilters();
   countReviewed();
+  applySort();
   applyFilter();
+  var first = shownRows().filter(function (r) { return r.dataset.hasVolume === "1"; })[0];
+  if (first) select(first, false);
 })();
