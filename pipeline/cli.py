@@ -333,6 +333,29 @@ def pacs_studies(params: Path = PARAMS_OPT) -> None:
         typer.echo(f"{s['study_uid']}\t{'/'.join(s['modalities'])}\t{s['n_instances']}")
 
 
+review_app = typer.Typer(help="Readers' verdicts from the review report (reports/explain/report.html).",
+                         no_args_is_help=True)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("import")
+def review_import(file: Path = typer.Argument(..., help="The CSV the report's Export CSV button saved."),
+                  reader: str = typer.Option(..., "--reader", "-r", help="Who reviewed: initials or a staff id."),
+                  params: Path = PARAMS_OPT) -> None:
+    """Check a reader's exported verdicts and store them as data.reviews_dir/READER.csv (nothing if any is wrong).
+
+    Only for the current model and report's cases; importing a reader again for that report replaces their verdicts.
+    `dvc repro` then re-runs evaluate and explain with them; ingest uses corrected labels if data.use_review_labels.
+    """
+    from pipeline.stages.review import import_review, summary_rows
+
+    p = _params(params)
+    table = Table(title=f"review import: {reader}", show_header=False)
+    for row in summary_rows(import_review(p, file, reader), p):
+        table.add_row(*row)
+    console.print(table)
+
+
 @app.command()
 def convert(
     src: Path = typer.Argument(..., help="A DICOM series folder (or one DICOM file, e.g. a mosaic)."),

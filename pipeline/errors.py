@@ -58,8 +58,11 @@ _KINDS: dict[str, tuple[type, str, str]] = {
     "MissingInput": (FileNotFoundError, "missing_input", "run the earlier stages first (dvc repro)"),
     "PlanError": (ValueError, "bad_plan", "re-run the ingest stage so that plan.json is written by this version"),
     "RegistryError": (ValueError, "registry", "check register.model_name, the version and mlflow.tracking_uri"),
+    # `resdx review import` and the stored verdict tables; each refusal sets its own code (review_*).
+    "ReviewError": (ValueError, "bad_review", "export the verdicts again from the current report "
+                    "(reports/explain/report.html) and import that file"),
 }
-ConfigError, ManifestError, IngestFailed, MissingInput, PlanError, RegistryError = (
+ConfigError, ManifestError, IngestFailed, MissingInput, PlanError, RegistryError, ReviewError = (
     type(name, (ResDxError, base), {"code": code, "hint": hint, "__module__": __name__, "__doc__": hint})
     for name, (base, code, hint) in _KINDS.items())
 
@@ -67,4 +70,4 @@ ConfigError, ManifestError, IngestFailed, MissingInput, PlanError, RegistryError
 # The error classes (tests/test_config_cli.py checks each has a code and a hint); `unexpected_reason` is
 # imported by name.
 __all__ = ["ResDxError", "RejectedCase", "ConfigError", "ManifestError", "IngestFailed", "MissingInput",
-           "PlanError", "RegistryError"]
+           "PlanError", "RegistryError", "ReviewError"]

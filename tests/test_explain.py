@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -258,3 +259,68 @@ def test_maps_report_and_sanity_numbers_are_logged_to_the_training_run(explained
     metrics = client.get_run(run_id).data.metrics
     assert {"saliency_randomization_spearman", "saliency_pointing_game_hit_rate",
             "saliency_pointing_game_random_baseline", "saliency_energy_inside_mean"} <= set(metrics)
+
+
+def test_review_round_trip_export_import_report_and_agreement(explained, tiny_ingested, demo_cohort):
+    """In real Chromium: mark cases in the report and export them; `resdx review import` stores the file; evaluate
+    reports agreement and kappa; the next report shows the verdicts (escaped) beside each case."""
+    from browser import chromium_context
+
+    from pipeline.io.reviews import read_reviews
+    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.explain import run_explain
+    from pipeline.stages.review import import_review
+
+    tmp, _ = explained
+    # the fixture's model, with its own evaluate/explain folders and verdict store (nothing shared is touched)
+    explain = {"out_dir": str(tmp / "explain-rv"), "target_layer": "layer1", "splits": ["val", "test"]}
+    params = train_params(tmp, tiny_ingested, data={"manifest": str(demo_cohort), "reviews_dir": str(tmp / "reviews")},
+                          explain=explain, evaluate={"out_dir": str(tmp / "reports-rv")})
+    run_evaluate(params)
+    run_explain(params)
+    report = tmp / "explain-rv" / "report.html"
+    evil = '=cmd|"/c calc"!A0 <img src=x onerror=alert(1)>'
+    with chromium_context(viewport=(1400, 1000)) as ctx:
+        page = ctx.pages[0] if ctx.pages else ctx.new_page()
+        page.goto(report.as_uri(), wait_until="load")
+        rows = page.locator("tr.case")
+        ids = page.eval_on_selector_all("tr.case", "rs => rs.map(r => r.dataset.caseId)")
+        rows.nth(0).locator('input[value="agree"]').check()
+        rows.nth(1).locator('input[value="disagree"]').check()
+        rows.nth(1).locator("textarea").fill(evil)
+        rows.nth(1).locator("select.corrected").select_option("1")
+        rows.nth(2).locator('input[value="unsure"]').check()
+        with page.expect_download() as dl:
+            page.click("#export-csv")
+        export = tmp / "dr-a.csv"
+        export.write_bytes(Path(dl.value.path()).read_bytes())
+    first = import_review(params, export, "dr-a")
+    assert (first["n_reviewed"], first["n_agree"], first["n_disagree"], first["n_unsure"]) == (3, 1, 1, 1)
+    # a second reader: the same file with the first verdict turned round
+    text = export.read_text(encoding="utf-8").splitlines(keepends=True)
+    second = tmp / "dr-b.csv"
+    second.write_text(text[0] + text[1].replace(",agree,", ",disagree,", 1) + "".join(text[2:]), encoding="utf-8")
+    import_review(params, second, "dr-b")
+    stored = read_reviews(tmp / "reviews")
+    assert sorted(stored) == ["dr-a", "dr-b"]
+    assert [v.comment for v in stored["dr-a"] if v.case_id == ids[1]] == [evil]
+
+    metrics = run_evaluate(params)
+    review = json.loads((tmp / "reports-rv" / "metrics.json").read_text())["review"]
+    assert review["readers"]["dr-a"]["agreement"] == 0.5 and review["readers"]["dr-b"]["agreement"] == 0.0
+    kappa = next(iter(review["kappa"].values()))
+    assert kappa["n_shared"] == 3 and kappa["kappa"] is not None and kappa["kappa"] < 1
+    assert metrics is not None
+    run_explain(params)
+    with chromium_context(viewport=(1400, 1000)) as ctx:
+        page = ctx.pages[0] if ctx.pages else ctx.new_page()
+        page.on("dialog", lambda d: pytest.fail(f"a dialog opened: {d.message}"))
+        page.goto(report.as_uri(), wait_until="load")
+        shown = page.locator("tr.case").nth(1).locator("li.verdict")
+        texts = shown.all_inner_texts()
+        assert len(texts) == 2 and texts[0].startswith("dr-a: disagree") and "corrected label 1" in texts[0]
+        assert shown.nth(0).locator("q").inner_text() == evil
+        assert page.locator("tr.case").nth(0).locator("li.verdict").all_inner_texts()[1].startswith("dr-b: disagree")
+        page.select_option("#f-review", "prior-disagree")
+        assert page.eval_on_selector_all("tr.case", "rs => rs.filter(r => !r.hidden).length") == 2
+

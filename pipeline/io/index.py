@@ -15,6 +15,9 @@ from pipeline.layout import IngestDir
 INDEX_COLUMNS = [
     "case_id", "patient_id", "split", "label", "modality", "status", "reason_code", "reason",
     "source_format", "manufacturer", "native_shape", "native_spacing", "tensor", "tensor_shape", "source_hash",
+    # Where `label` comes from: "manifest" (the source's own: the manifest row, or "medmnist"), or
+    # "review:<reader>[,<reader>]" (readers' corrected labels, data.use_review_labels); and the source's label.
+    "label_source", "manifest_label",
 ]
 SPLITS_COLUMNS = ["case_id", "patient_id", "label", "split"]
 # Multi-label cases keep one `label` column: their 0/1 label vector joined by this, e.g. "1;0".

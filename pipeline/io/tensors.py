@@ -8,12 +8,14 @@ is cheaper than a DataLoader collating per-item samples.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.config import Params
 from pipeline.core.plan import Plan, load_plan
 from pipeline.errors import MissingInput, PlanError
 from pipeline.io.index import is_multi_label, label_vector, read_index
@@ -52,12 +54,41 @@ def read_native_mask(ingest_dir: Path | str, case_id: str) -> np.ndarray | None:
     return np.load(path, allow_pickle=False) if path.exists() else None
 
 
+def _index(ingest_dir: Path) -> list[dict]:
+    if not IngestDir(ingest_dir).index.exists():
+        raise MissingInput(f"{IngestDir(ingest_dir).index} is missing", hint="run the ingest stage first")
+    return read_index(ingest_dir)
+
+
+def _split_rows(ingest_dir: Path, split: str, index: list[dict] | None = None) -> list[dict]:
+    """The index rows of every `ok` case in `split`, in index order: the cases and order of `load_split`."""
+    return [r for r in (index if index is not None else _index(ingest_dir)) if r["status"] == "ok"
+            and r["split"] == split]
+
+
+def report_case_ids(params: Params, ingest_dir: Path | str | None = None,
+                    only: Collection[str] | None = None) -> list[str]:
+    """The case ids the explain report shows, in its order, without loading a tensor: the ok cases of each
+    of `explain.splits` in turn (index order, as `load_split` stacks them), at most `explain.max_cases`;
+    with `only` (`resdx explain --case`), just those among them. Evaluate (which runs before explain)
+    names the report's case set with it (`core.review.case_set_id`), explain the set it shows."""
+    ingest_dir = Path(ingest_dir or params.ingest.out_dir)
+    index = _index(ingest_dir)
+    out: list[str] = []
+    for split in params.explain.splits:
+        for r in _split_rows(ingest_dir, split, index):
+            if only and r["case_id"] not in only:
+                continue
+            if len(out) >= params.explain.max_cases:
+                break
+            out.append(r["case_id"])
+    return out
+
+
 def load_split(ingest_dir: Path | str, split: str, pin: bool = False) -> CaseSet:
     """Stack the tensors of every `ok` case in `split` (loaded once, pickle-free)."""
     ingest_dir = Path(ingest_dir)
-    if not IngestDir(ingest_dir).index.exists():
-        raise MissingInput(f"{IngestDir(ingest_dir).index} is missing", hint="run the ingest stage first")
-    rows = [r for r in read_index(ingest_dir) if r["status"] == "ok" and r["split"] == split]
+    rows = _split_rows(ingest_dir, split)
     arrays = [np.load(ingest_dir / r["tensor"], mmap_mode="r", allow_pickle=False) for r in rows]
     if arrays:
         images = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))

@@ -102,6 +102,12 @@ def _parse_label(text: str, n_classes: int | None = None) -> tuple[int | tuple[i
     return tuple(int(p) for p in parts), ""
 
 
+def parse_label(text: str, n_classes: int | None = None) -> tuple[int | tuple[int, ...] | None, str]:
+    """(label, problem) of a label cell by the manifest's rules, for other tables that hold labels (a review's
+    corrected label): a class index below `n_classes`, or a ';'-joined 0/1 vector."""
+    return _parse_label(text.strip(), n_classes)
+
+
 def _check_label_vectors(rows: list[CaseRow]) -> list[CaseRow]:
     """In a multi-label manifest, every row needs a vector of the most common length."""
     lengths = Counter(len(r.label) for r in rows if isinstance(r.label, tuple) and not r.problem)
@@ -291,4 +297,4 @@ def _assign_splits(rows: list[CaseRow], params: Params) -> list[CaseRow]:
     return out
 
 
-__all__ = ["CaseRow", "ManifestError", "read_manifest", "split_rows"]
+__all__ = ["CaseRow", "ManifestError", "parse_label", "read_manifest", "split_rows"]

@@ -258,6 +258,11 @@ def run_medmnist(params: Params, out_dir: Path | None = None, progress: bool = T
     (chestmnist): (N, L) 0/1 labels, ';'-joined in index.csv, plan task multi_label.
     """
     t0 = time.perf_counter()
+    if params.data.use_review_labels:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError("data.use_review_labels takes readers' corrected labels into a manifest's cases; "
+                          "MedMNIST keeps its official labels", hint="set data.use_review_labels: false")
     cfg = params.data.medmnist
     flag, size = cfg.flag, cfg.size
     out = Path(out_dir or params.ingest.out_dir)
@@ -304,8 +309,10 @@ def run_medmnist(params: Params, out_dir: Path | None = None, progress: bool = T
         int(labels[s][i]), "modality": flag, "status": "ok",
         "reason_code": "", "reason": "", "source_format": "medmnist", "manufacturer": "",
         "native_shape": "x".join(map(str, spatial)), "native_spacing": "", "tensor": f"tensors/{c}.npy",
-        "tensor_shape": tensor_shape, "source_hash": md5,
+        "tensor_shape": tensor_shape, "source_hash": md5, "label_source": "medmnist",
     } for s in SPLITS for i, c in enumerate(case_ids[s])]
+    for r in records:
+        r["manifest_label"] = r["label"]
     plan = Plan(
         source="medmnist", mode=mode, layout="C,D,H,W" if mode == "3d" else "C,H,W", shape=list(spatial),
         channels=channels, orientation=None, fit="resize", resampling="none (official MedMNIST arrays)",

@@ -31,6 +31,7 @@ from pipeline.core.selective import discrimination, fit_rule, referral_summary, 
 from pipeline.core.views import members_of, spread, view_logits
 from pipeline.io.artifacts import save_csv, save_dict_csv, save_json
 from pipeline.io.checkpoint import load_checkpoint
+from pipeline.io.index import is_multi_label, label_text, label_vector
 from pipeline.io.tensors import CaseSet, load_split
 from pipeline.layout import ModelDir, ReportDir
 from pipeline.reporting.figures import write_plots
@@ -236,10 +237,16 @@ def run_evaluate(params: Params, models_dir: Path | str | None = None, ingest_di
     curve = selective_curve(y_test, probs_t, dec_t, unc_t, rule.margin(probs_t))
     result["subgroups"] = {"test": subgroup_metrics(test, y_test, test_logits, T, thr, cfg.min_subgroup_cases,
                                                     params.seed, names, b)}
+    held_rows = _assess(rule, held.views)
+    review = _review(params, models_dir, ingest_dir, test.case_ids, {
+        c: label_text(d.tolist()) for ids, d in ((held.cases.case_ids, held_rows[2]), (test.case_ids, dec_t))
+        for c, d in zip(ids, d)}, lambda y: split_metrics(y, test_logits, T, thr, cfg.n_bootstrap, params.seed,
+                                                          names, b))
+    if review:
+        result["review"] = review
     out.mkdir(parents=True, exist_ok=True)
     save_json(ReportDir(out).metrics, result)
     save_json(ReportDir(out).calibration, rule.to_calibration())
-    held_rows = _assess(rule, held.views)
     _write_predictions(ReportDir(out).predictions, {held_name: (held.cases, y_held, held_rows),
                                                     "test": (test, y_test, assessed)}, rule)
     if rule.multi_label:  # pooled over (case, label): reliability here, ROC/PR/confusion of the decisions below
@@ -251,6 +258,33 @@ def run_evaluate(params: Params, models_dir: Path | str | None = None, ingest_di
     save_dict_csv(ReportDir(out).plots / "selective_test.csv", ["coverage", "n", "auroc", "error_rate"], curve)
     _log_mlflow(params, models_dir, out, result, held_name)
     return result
+
+
+REVIEW_METRICS = ("n", "auroc", "auroc_ci95", "accuracy", "balanced_accuracy", "sensitivity", "specificity",
+                  "ece_calibrated", "brier_calibrated")
+
+
+def _review(params: Params, models_dir: Path, ingest_dir: Path, test_ids: list[str], decisions: dict,
+            metrics) -> dict | None:
+    """metrics.json's `review` (None without verdicts): the readers' agreement with this model and each other
+    (`io.reviews.review_summary`), and where readers corrected test labels, `test`: the test metrics against
+    the source labels (`original`) and against the corrected reference (`corrected`), `metrics(y)` each."""
+    from pipeline.io.checkpoint import model_id
+    from pipeline.io.reviews import review_summary
+
+    got = review_summary(params, model_id(models_dir), decisions, ingest_dir)
+    if got is None:
+        return None
+    section, ref, original = got
+    if any(c in ref.readers for c in test_ids):
+        y = {tag: np.array([label_vector(t[c]) if is_multi_label(t[c]) else int(t[c]) for c in test_ids])
+             for tag, t in (("original", original), ("corrected", ref.labels))}
+        section["test"] = {"n_changed": sum(c in ref.changed for c in test_ids),
+                           "n_conflicts": sum(c in ref.conflicts for c in test_ids)}
+        for tag, labels in y.items():
+            m = metrics(labels)
+            section["test"][tag] = {k: m[k] for k in REVIEW_METRICS if k in m}
+    return section
 
 
 def _per_fold(held: Held, y_held, tv, y_test, rule: DecisionRule, cfg, seed: int) -> list[dict]:
@@ -336,8 +370,9 @@ def _log_mlflow(params: Params, models_dir: Path, out: Path, result: dict, held_
     import mlflow
 
     flat = {}
-    for split in (held_name, "test", "tta_effect", "uncertainty"):
-        for k, v in flatten(result.get(split) or {}).items():
+    for split in (held_name, "test", "tta_effect", "uncertainty", "review"):
+        section = {k: v for k, v in (result.get(split) or {}).items() if k not in ("model_id", "case_set")}
+        for k, v in flatten(section).items():
             try:
                 flat[re.sub(r"[^\w\-. /]", "_", f"{split}_{k}")] = float(v)  # label names may hold any character
             except ValueError:

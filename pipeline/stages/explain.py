@@ -113,6 +113,7 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
     save_json(ExplainDir(out).sanity, sanity)
     summary = _report_summary(params, info, sanity)
     summary.update(model_id=model_id(params.train.out_dir), class_names=names, multi_label=rule.multi_label)
+    _attach_verdicts(params, summary["model_id"], cases)
     write_report(out / "report.html", summary, cases)
     contact_sheet(cases, out / "contact_sheet.png")
     save_csv(out / "cases.csv", ["case_id", "split", "label", "calibrated_probability", "decision",
@@ -153,6 +154,20 @@ def _viewer(params: Params, sources: dict, cid: str, x: np.ndarray, cam: np.ndar
             return viewer_case(volume.data, native, volume.affine, row.modality, limit)
     affine = np.asarray(side.get("tensor_affine", np.eye(4)), dtype=np.float64)
     return viewer_case(x, cam, affine, "", limit, grid="model input")
+
+
+def _attach_verdicts(params: Params, model: str, cases: list[dict]) -> None:
+    """Earlier readers' verdicts on this model and this case set (`resdx review import`), shown per case."""
+    from pipeline.core.review import case_set_id
+    from pipeline.io.reviews import read_reviews_for
+
+    by_case: dict[str, list] = {}
+    verdicts = read_reviews_for(params.data.reviews_dir, model, case_set_id(c["case_id"] for c in cases))
+    for reader in sorted(verdicts):
+        for v in verdicts[reader]:
+            by_case.setdefault(v.case_id, []).append(v)
+    for c in cases:
+        c["verdicts"] = by_case.get(c["case_id"], [])
 
 
 def _truth(rule: DecisionRule, ex, y, names: list[str]) -> tuple:

@@ -198,8 +198,45 @@ def run_ingest(params: Params, manifest: Path | str | None = None, out_dir: Path
     out = Path(out_dir or params.ingest.out_dir)
     cache = Path(cache_dir or params.ingest.cache_dir) / "prepared"
     rows = split_rows(read_manifest(manifest), params)  # file-level manifest errors: before any work
+    origin = [("manifest", label_text(r.label)) for r in rows]
+    if params.data.use_review_labels:
+        rows, origin = review_labels(rows, params)
     with folder_lock(out):
-        return _run(params, rows, out, cache, progress)
+        return _run(params, rows, out, cache, progress, origin)
+
+
+def review_labels(rows: list[CaseRow], params: Params) -> tuple[list[CaseRow], list[tuple[str, str]]]:
+    """The rows with each valid case's label replaced by the corrected reference of every reader's verdicts
+    in data.reviews_dir (`core.agreement.corrected_reference`; verdicts of every model: a corrected label
+    is a fact about the case), and per row (label_source, manifest label): "manifest", or
+    "review:<reader>[,<reader>]" where the readers decided it. Applied after the split is assigned, so a
+    correction never moves a case between splits."""
+    from pipeline.core.agreement import corrected_reference
+    from pipeline.errors import ReviewError
+    from pipeline.io.reviews import read_reviews
+    from pipeline.sources.manifest import parse_label
+
+    valid = [r for r in rows if not r.problem]
+    ref = corrected_reference({r.case_id: label_text(r.label) for r in valid}, read_reviews(params.data.reviews_dir))
+    widths = {len(r.label) for r in valid if isinstance(r.label, tuple)}
+    names = params.data.class_names
+    out, origin = [], []
+    for r in rows:
+        origin.append(("manifest", label_text(r.label)))
+        if r.problem or r.case_id not in ref.readers:
+            out.append(r)
+            continue
+        label, problem = parse_label(ref.labels[r.case_id], None if widths or not names else len(names))
+        if not problem and (isinstance(label, tuple) != bool(widths) or widths and len(label) not in widths):
+            problem = "it is not a label of this manifest's kind (one class index, or a 0/1 vector of its length)"
+        if problem:
+            raise ReviewError(f"the corrected label of case {r.case_id} (reader(s) {', '.join(ref.readers[r.case_id])}"
+                              f") does not fit this cohort: {problem}", code="review_bad_label",
+                              hint=f"fix or remove that row of {params.data.reviews_dir}/<reader>.csv, or set "
+                                   "data.use_review_labels: false")
+        origin[-1] = ("review:" + ",".join(ref.readers[r.case_id]), origin[-1][1])
+        out.append(replace(r, label=label))
+    return out, origin
 
 
 def _failed(stage: str) -> Callable[[dict, str], dict]:
@@ -214,7 +251,8 @@ def _failed(stage: str) -> Callable[[dict, str], dict]:
     return result
 
 
-def _run(params: Params, rows: list[CaseRow], out: Path, cache: Path, progress: bool) -> IngestSummary:
+def _run(params: Params, rows: list[CaseRow], out: Path, cache: Path, progress: bool,
+         origin: list[tuple[str, str]]) -> IngestSummary:
     t0 = time.perf_counter()
     cfg = params.ingest
     remove_temp_files(cache, out, IngestDir(out).tensors, IngestDir(out).masks)
@@ -245,7 +283,7 @@ def _run(params: Params, rows: list[CaseRow], out: Path, cache: Path, progress: 
     remove_stale(IngestDir(out).masks, {p["case_id"] for p in ok})
 
     records = []
-    for p, r in zip(prepared, rows):
+    for p, r, (label_source, manifest_label) in zip(prepared, rows, origin):
         f = finals.get(p["row"], {})
         status = f.get("status", p["status"])
         records.append({
@@ -258,6 +296,7 @@ def _run(params: Params, rows: list[CaseRow], out: Path, cache: Path, progress: 
             "native_spacing": "x".join(f"{s:g}" for s in p.get("native_spacing", [])),
             "tensor": f"tensors/{r.case_id}.npy" if status == "ok" else "",
             "tensor_shape": "x".join(map(str, f.get("tensor_shape", []))), "source_hash": p.get("source_hash", ""),
+            "label_source": label_source, "manifest_label": manifest_label,
         })
     if cfg.splits_file:
         write_splits(Path(cfg.splits_file), [r.__dict__ for r in rows if not r.problem])
