@@ -126,12 +126,17 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
 
 def _sources(params: Params) -> dict:
     """case id -> manifest row and the plan's reader settings, to re-read a case's native volume for the viewer."""
-    if params.data.source != "manifest":
-        return {}
+    from pipeline.errors import ManifestError
     from pipeline.sources.manifest import read_manifest
 
+    if params.data.source != "manifest":
+        return {}
+    try:
+        rows = read_manifest(params.data.manifest)
+    except ManifestError:  # moved or gone since ingest: the viewer shows the model's input instead
+        return {}
     reader = read_plan(params.ingest.out_dir).reader
-    return {r.case_id: (r, reader) for r in read_manifest(params.data.manifest) if not r.problem}
+    return {r.case_id: (r, reader) for r in rows if not r.problem}
 
 
 def _viewer(params: Params, sources: dict, cid: str, x: np.ndarray, cam: np.ndarray, side: dict,
