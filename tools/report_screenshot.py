@@ -3,7 +3,8 @@
     python -m tools.report_screenshot [reports/explain/report.html] [--out docs] [--case N] [--width 1400]
 
 Drives the system Chromium (Debian's package; Playwright's own browser download is never used) offline, opens
-case N (default: the first case whose decision is "lesion" and correct, else the first with a volume) and
+case N (default: the first CT case whose decision is "lesion" and correct, else the first such case, else the first
+with a volume) and
 writes docs/review-viewer.png (the case list and the viewer, one screen at --width) and docs/review-viewer-
 lung.png (the same case in the lung window, map at full opacity).
 """
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         if index is None:
             index = page.evaluate("""() => {
                 const rows = [...document.querySelectorAll('tr.case')].filter(r => r.dataset.hasVolume === '1');
-                const hit = rows.find(r => r.dataset.decision === '1' && r.dataset.correct === '1') || rows[0];
+                const ct = r => document.getElementById('vd-' + r.dataset.index + '-vol').dataset.modality === 'CT';
+                const good = r => r.dataset.decision === '1' && r.dataset.correct === '1';
+                const hit = rows.find(r => good(r) && ct(r)) || rows.find(good) || rows[0];
                 return hit ? Number(hit.dataset.index) : -1; }""")
         if index < 0:
             raise SystemExit("no case with a volume in this report")

@@ -157,8 +157,8 @@
     applyPreset();
     nv.setOpacity(1, opacity());
     var f = Number(vol.dataset.factor);
-    $("v-grid").textContent = vol.dataset.grid + " grid " + vol.dataset.shape +
-      (f > 1 ? " (block-averaged " + f + "×" + f + "×" + f + " from the native grid)" : "");
+    $("v-grid").textContent = f > 1 ? vol.dataset.grid + " grid block-averaged " + f + "×" + f + "×" + f + " to " +
+      vol.dataset.shape : vol.dataset.grid + " grid " + vol.dataset.shape;
     jumpToPeak();
     loads++;
     state.ready = true;
