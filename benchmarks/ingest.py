@@ -5,7 +5,8 @@ a synthetic 300 x 512 x 512 int16 CT, generated deterministically) becomes a vol
 run is a fresh subprocess, so interpreter start-up and imports (torch for MONAI) count.
 Readers:
 
-  resdx-convert  ``pipeline.convert.convert(folder, out.nii)``      (read + write NIfTI)
+  resdx-cli      ``resdx convert FOLDER out.nii``                  (the console script, whole process)
+  resdx-convert  ``pipeline.stages.convert.convert(folder, out.nii)`` (read + write NIfTI)
   resdx-read     ``pipeline.io.dicom.read_dicom_series(folder)``     (read only, in memory)
   dcm2niix       ``dcm2niix -z n -b n -o OUT -f out FOLDER``         (single-threaded C)
   dicom2nifti    ``dicom2nifti.dicom_series_to_nifti(folder, out.nii, reorient_nifti=False)``
@@ -278,10 +279,13 @@ class Reader:
     def command(self, folder: Path, out: Path, check: bool, dcm2niix: str) -> list[str]:
         if self.name == "dcm2niix":
             return [dcm2niix, "-z", "n", "-b", "n", "-o", str(out), "-f", "out", str(folder)]
+        if self.name == "resdx-cli":  # the console script a user types, with its argument parsing and summary
+            return [str(Path(sys.executable).with_name("resdx")), "convert", str(folder), str(out / "out.nii")]
         return [sys.executable, "-c", CODE[self.name], str(folder), str(out), "1" if check else "0"]
 
 
 READERS = [
+    Reader("resdx-cli", "`resdx convert` CLI → .nii", "resdx", True),
     Reader("resdx-convert", "ResDx convert → .nii", "resdx", True),
     Reader("resdx-read", "ResDx read_dicom_series (no write)", "resdx", False),
     Reader("dcm2niix", "dcm2niix -z n", None, True),

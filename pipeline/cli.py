@@ -365,6 +365,7 @@ def convert(
                                   "decoded pixels, would need more than this many GiB (ingest.max_case_bytes)."),
 ) -> None:
     """Convert one DICOM series to NIfTI in its native grid (no resampling), like dcm2niix."""
+    sys.modules.setdefault("requests", None)  # pydicom imports it only to fetch its test files: 45 ms of a convert
     from pipeline.errors import RejectedCase
     from pipeline.stages.convert import convert as run
 
@@ -374,8 +375,7 @@ def convert(
     except RejectedCase as err:
         console.print(f"[red]cannot convert:[/] {err.reason} [dim]({err.code})[/]")
         raise typer.Exit(1) from None
-    sp = ", ".join(f"{s:.3g}" for s in vol.spacing)
-    console.print(f"[green]wrote[/] {out}: shape {vol.data.shape}, spacing ({sp}) mm")
+    console.print(f"[green]wrote[/] {out}: shape {vol.data.shape}, voxel {tuple(round(s, 3) for s in vol.spacing)} mm")
     for note in vol.meta.get("notes", []):
         console.print(f"  note: {note}")
 

@@ -185,7 +185,7 @@ def test_pydicom_test_files_never_crash():
 def test_grey_scale_pixel_data_decodes_in_every_common_transfer_syntax():
     import pydicom
 
-    from pipeline.io.dicom_stack import decode_pixels
+    from pipeline.io.dicom_pixels import decode_pixels
 
     decoded = collections.Counter()
     for f in _pydicom_files():

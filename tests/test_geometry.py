@@ -137,3 +137,51 @@ def test_rescale_is_applied_per_slice(tmp_path):
     ds.save_as(f)
     vol = read_dicom_series(tmp_path)
     assert vol.data[2, 2, 2] == 2 * (200 + 1024) - 2048
+
+
+def _series_values(folder, values, rescale, **tags):
+    series = generate_uid()
+    for k, img in enumerate(values):
+        write_ct_slice(folder / f"s{k}.dcm", img, sop_uid=generate_uid(), series_uid=series, instance_number=k + 1,
+                       ipp=[0, 0, 2.0 * k], iop=[1, 0, 0, 0, 1, 0], pixel_spacing=[1, 1], slice_thickness=2.0,
+                       rescale=rescale, **tags)
+
+
+@pytest.mark.parametrize(("rescale", "stored", "want"), [
+    (("-1024", "1"), (-2000, 3000), np.int16),       # CT: stored + intercept fits int16
+    (("-1024", "2"), (-2000, 3000), np.int16),       # an integral slope other than 1
+    (("0", "1"), (-32768, 32767), np.int16),         # the full int16 range, no intercept
+    (("-1024", "1"), (-32768, 32767), np.float32),   # -32768 - 1024 leaves int16: float32, same values
+    (("30000", "1"), (-2000, 3000), np.float32),     # 3000 + 30000 leaves int16
+    (("-1024", "0.5"), (-2000, 3000), np.float32),   # a fractional slope is not integers
+])
+def test_integer_read_is_exact_or_falls_back_to_float(tmp_path, rescale, stored, want):
+    """`integers=True` (what `resdx convert` asks for) gives int16 only where every value is exact in it."""
+    rng = np.random.default_rng(5)
+    values = [rng.integers(stored[0], stored[1] + 1, size=(9, 7)).astype(np.int16) for _ in range(12)]
+    values[3][0, 0], values[8][1, 1] = stored  # both ends present
+    _series_values(tmp_path, values, rescale)
+    exact = read_dicom_series(tmp_path)
+    fast = read_dicom_series(tmp_path, integers=True)
+    assert exact.data.dtype == np.float32 and fast.data.dtype == want
+    expected = np.stack([v.T.astype(np.float64) * float(rescale[1]) + float(rescale[0]) for v in values], axis=-1)
+    np.testing.assert_array_equal(exact.data, expected.astype(np.float32))
+    np.testing.assert_array_equal(fast.data.astype(np.float64), expected)
+    np.testing.assert_array_equal(fast.affine, exact.affine)
+
+
+def test_integer_read_of_unsigned_pixels_with_a_negative_intercept_does_not_wrap(tmp_path):
+    """uint16 stored values (PixelRepresentation 0) minus 1024, placed through int32 arithmetic."""
+    values = [np.full((5, 5), 1000 * k, dtype=np.uint16) for k in range(6)]
+    series = generate_uid()
+    for k, img in enumerate(values):
+        path = write_ct_slice(tmp_path / f"u{k}.dcm", img.astype(np.int16), sop_uid=generate_uid(),
+                              series_uid=series, instance_number=k + 1, ipp=[0, 0, 2.0 * k],
+                              iop=[1, 0, 0, 0, 1, 0], pixel_spacing=[1, 1], slice_thickness=2.0)
+        ds = pydicom.dcmread(path)
+        ds.PixelRepresentation = 0
+        ds.PixelData = img.astype("<u2").tobytes()
+        ds.save_as(path)
+    fast = read_dicom_series(tmp_path, integers=True)
+    assert fast.data.dtype == np.int16
+    assert [int(fast.data[0, 0, k]) for k in range(6)] == [1000 * k - 1024 for k in range(6)]

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.errors import RejectedCase
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -29,3 +31,14 @@ class Volume:
     @property
     def n_volumes(self) -> int:
         return 1 if self.data.ndim == 3 else int(self.data.shape[3])
+
+
+def check_voxels(data: np.ndarray) -> None:
+    """The voxel rule every reader output passes (ingest, predict and `resdx convert` alike)."""
+    lo, hi = float(data.min()), float(data.max())  # NaN propagates through min/max, and inf shows there
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = sum(int(data[:, :, k].size - np.count_nonzero(np.isfinite(data[:, :, k])))  # per slice: no
+                  for k in range(data.shape[2]))                                          # full-size mask
+        raise RejectedCase("non_finite", f"{bad} voxel(s) are NaN or infinite (e.g. a NaN or huge rescale slope)")
+    if lo == hi:
+        raise RejectedCase("constant_image", "every voxel has the same value")

@@ -9,8 +9,9 @@ import numpy as np
 from pipeline.core.limits import DEFAULT_MAX_CASE_BYTES
 from pipeline.core.volume import Volume
 from pipeline.errors import RejectedCase
+from pipeline.io.dicom_pixels import decode_pixels
 from pipeline.io.dicom_scan import scan
-from pipeline.io.dicom_stack import Stack, choose_stack, decode_pixels, group_stacks, stack_to_volume
+from pipeline.io.dicom_stack import Stack, choose_stack, group_stacks, stack_to_volume
 
 
 def read_dicom_series(
@@ -19,13 +20,15 @@ def read_dicom_series(
     min_slices: int = 1,
     take_volume: int | None = None,
     max_bytes: int = DEFAULT_MAX_CASE_BYTES,
+    integers: bool = False,
 ) -> Volume:
     """Read the series under `path` into a volume in its native grid.
 
     Voxel axes: i along the row direction (columns), j along the column direction (rows),
     k along the slice normal in ascending position; values rescaled by each slice's
     slope/intercept. Raises `RejectedCase` with a specific reason when the series
-    cannot form a trustworthy volume. `meta` carries no PHI (no names, UIDs, dates).
+    cannot form a trustworthy volume. `meta` carries no PHI (no names, UIDs, dates). Voxels are float32,
+    or int16 with `integers` when the rescale is integral and every value fits (what `resdx convert` writes).
     """
     found = scan(Path(path), max_bytes)
     stack = choose_stack(group_stacks(found.frames), series_uid=series_uid)
@@ -33,7 +36,8 @@ def read_dicom_series(
     if lost:  # an unusable file of this series is a slice we would silently lose
         raise RejectedCase(lost[0].code, f"{len(lost)} file(s) of the chosen series: {lost[0].reason}")
     _drop_duplicates(stack, found.duplicates, max_bytes)
-    vol = stack_to_volume(stack, min_slices=min_slices, take_volume=take_volume, max_bytes=max_bytes)
+    vol = stack_to_volume(stack, min_slices=min_slices, take_volume=take_volume, max_bytes=max_bytes,
+                          integers=integers)
     vol.meta.update(
         source_format="dicom",
         modality=found.modality,

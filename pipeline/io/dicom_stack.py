@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import pydicom
 
-from pipeline.core.limits import DEFAULT_MAX_CASE_BYTES, require_fits
-from pipeline.core.volume import LPS_TO_RAS, Volume
+from pipeline.core.limits import DEFAULT_MAX_CASE_BYTES
+from pipeline.core.volume import Volume
 from pipeline.errors import RejectedCase
-from pipeline.io.dicom_checks import check_inflated_size, check_pixels, read_head
+from pipeline.io.dicom_pixels import assemble
 from pipeline.io.dicom_scan import Frame
 
 POSITION_TOL_MM = 0.01  # positions closer than this along the normal are the same slice
@@ -205,120 +203,10 @@ def _sortable(key: tuple) -> tuple:
     return tuple((0, k) if isinstance(k, (int, float)) else (1, str(k)) for k in key)
 
 
-_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
-
-
-def _native_pixels(ds) -> np.ndarray | None:
-    """Fast path for uncompressed little-endian grey-scale data: np.frombuffer, masked to BitsStored.
-
-    pydicom's `pixel_array` does the same masking and sign extension; this avoids its
-    per-call overhead on the common case. Anything else returns None (use pydicom).
-    """
-    ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
-    bits, stored = int(ds.get("BitsAllocated", 0)), int(ds.get("BitsStored", 0) or 0)
-    if ts not in _NATIVE_LE or bits not in (8, 16) or int(ds.get("SamplesPerPixel", 1)) != 1:
-        return None
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
-    rows, cols, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1)
-    raw = ds.PixelData
-    need = rows * cols * frames * dtype.itemsize
-    if len(raw) < need:
-        raise RejectedCase("truncated", "a slice file is truncated: its pixel data is shorter than the "
-                           "header says (incomplete copy or transfer?)")
-    arr = np.frombuffer(raw, dtype=dtype, count=rows * cols * frames).reshape(frames, rows, cols)
-    if 0 < stored < bits:
-        unsigned = arr.view(dtype.newbyteorder("=").str.replace("i", "u")) & ((1 << stored) - 1)
-        if signed:  # sign bit is HighBit = BitsStored - 1, not the top bit of the word
-            sign = 1 << (stored - 1)
-            arr = (unsigned.astype(np.int32) ^ sign) - sign
-        else:
-            arr = unsigned
-    return arr
-
-
-def decode_pixels(path, ds=None, max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> np.ndarray:
-    """Stored pixel values of a file as (frames, rows, cols), masked to BitsStored.
-
-    `ds` is the already parsed header with deferred pixel data (read once here). The header's
-    claim is checked against `max_bytes` before a byte is decoded.
-    """
-    try:
-        if ds is None:
-            path = Path(path)
-            check_inflated_size(path, read_head(path), max_bytes)
-            ds = pydicom.dcmread(path, defer_size="4 KB")
-        check_pixels(ds, max_bytes)
-        arr = _native_pixels(ds)
-        if arr is None:
-            arr = ds.pixel_array
-    except RejectedCase:
-        raise
-    except MemoryError:
-        raise RejectedCase("too_large", "decoding a file's pixel data ran out of memory") from None
-    except Exception as err:  # noqa: BLE001 - decoders and truncated files raise many types
-        text = str(err)
-        if isinstance(err, EOFError) or "less than expected" in text or "truncated" in text.lower():
-            raise RejectedCase("truncated", "a slice file is truncated: its pixel data is shorter than the "
-                               "header says (incomplete copy or transfer?)") from None
-        # Library messages can quote paths and values from the file: only the error type and the syntax.
-        ts = getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "?") if ds is not None else "?"
-        name = getattr(ts, "name", "") or "unknown transfer syntax"
-        raise RejectedCase("undecodable", f"pixel data cannot be decoded ({type(err).__name__}); "
-                           f"transfer syntax {name}") from None
-    if arr.ndim == 2:
-        arr = arr[None]
-    return arr
-
-
-def assemble(stack: Stack, geometry: StackGeometry, take_volume: int | None = None,
-             max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> tuple[np.ndarray, np.ndarray]:
-    """Decode, rescale and place every slice: returns (data (i, j, k[, t]) float32, affine RAS).
-
-    Slices are written into a C-ordered (t, k, rows, cols) buffer (contiguous writes) and
-    returned as its transposed view (i, j, k, t), which is Fortran-ordered: what NIfTI stores.
-    """
-    order = geometry.order
-    if take_volume is not None:
-        if not 0 <= take_volume < order.shape[1]:
-            raise RejectedCase("no_such_volume", f"volume {take_volume} requested; the series has {order.shape[1]}")
-        order = order[:, [take_volume]]
-    frames = stack.frames
-    first = frames[order[0, 0]]
-    shape = (order.shape[1], order.shape[0], first.rows, first.cols)
-    require_fits(shape, 4, max_bytes, f"the volume ({'x'.join(map(str, shape[::-1]))} voxels as float32)")
-    buf = np.empty(shape, dtype=np.float32)
-    needed: dict = defaultdict(list)
-    for (p, v), idx in np.ndenumerate(order):
-        needed[frames[idx].file].append((p, v, frames[idx]))
-    for path, items in needed.items():
-        pixels = decode_pixels(path, items[0][2].dataset, max_bytes)
-        for p, v, f in items:
-            if f.layout == "mosaic":
-                grid = f.tile_grid[1]
-                r0, c0 = (f.index // grid) * f.rows, (f.index % grid) * f.cols
-                img = pixels[0, r0:r0 + f.rows, c0:c0 + f.cols]
-            else:
-                if f.index >= pixels.shape[0]:
-                    raise RejectedCase("truncated", f"frame {f.index + 1} missing from the pixel data")
-                img = pixels[f.index]
-            if img.shape != (f.rows, f.cols):
-                raise RejectedCase("truncated", f"pixel data of {img.shape} where the header says {(f.rows, f.cols)}")
-            dst = buf[v, p]
-            np.multiply(img, np.float32(f.slope), out=dst, casting="unsafe")
-            dst += np.float32(f.intercept)
-        if items[0][2].dataset is not None:
-            items[0][2].dataset = None  # drop the header (and any cached pixel bytes) once decoded
-    out = buf.transpose(3, 2, 1, 0)  # (cols, rows, slices, volumes): i along columns, j along rows
-    if out.shape[3] == 1:
-        out = out[..., 0]
-    return out, LPS_TO_RAS @ geometry.affine_lps
-
-
 def stack_to_volume(stack: Stack, min_slices: int = 1, take_volume: int | None = None,
-                    max_bytes: int = DEFAULT_MAX_CASE_BYTES) -> Volume:
+                    max_bytes: int = DEFAULT_MAX_CASE_BYTES, integers: bool = False) -> Volume:
     geometry = analyse(stack, min_slices=min_slices)
-    data, affine = assemble(stack, geometry, take_volume, max_bytes)
+    data, affine = assemble(stack, geometry, take_volume, max_bytes, integers=integers)
     integral = all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in stack.frames)
     meta = {
         "integer_valued": integral,  # stored integers x integral slope + intercept: exact in int16/int32

@@ -104,7 +104,9 @@ def to_nifti(volume: Volume, keep_integers: bool = True) -> nib.Nifti1Image:
     integral = volume.meta.get("integer_valued")
     if integral is None and keep_integers:
         integral = bool(np.all(np.isfinite(data)) and np.array_equal(data, np.round(data)))
-    if keep_integers and integral and data.min(initial=0) >= -32768 and data.max(initial=0) <= 32767:
+    if data.dtype == np.int16:  # the DICOM reader placed it as int16 already (`integers=True`)
+        pass
+    elif keep_integers and integral and data.min(initial=0) >= -32768 and data.max(initial=0) <= 32767:
         data = data.astype(np.int16, order="K")
     elif data.dtype != np.float32:
         data = data.astype(np.float32, order="K")

@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.core.limits import DEFAULT_MAX_CASE_BYTES, require_fits
 from pipeline.core.plan import ReaderSettings
-from pipeline.core.volume import Volume
+from pipeline.core.volume import Volume, check_voxels
 from pipeline.errors import RejectedCase
 from pipeline.io.dicom_checks import is_regular_file
 
@@ -48,17 +48,6 @@ def read_case(path: Path, modality: str, reader: ReaderSettings, series_uid: str
         raise RejectedCase("too_few_slices", f"{n_slices} slice(s), fewer than ingest.min_slices={reader.min_slices}")
     check_voxels(volume.data)
     return volume
-
-
-def check_voxels(data: np.ndarray) -> None:
-    """The voxel rule every reader output passes (ingest, predict and `resdx convert` alike)."""
-    lo, hi = float(data.min()), float(data.max())  # NaN propagates through min/max, and inf shows there
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        bad = sum(int(data[:, :, k].size - np.count_nonzero(np.isfinite(data[:, :, k])))  # per slice: no
-                  for k in range(data.shape[2]))                                          # full-size mask
-        raise RejectedCase("non_finite", f"{bad} voxel(s) are NaN or infinite (e.g. a NaN or huge rescale slope)")
-    if lo == hi:
-        raise RejectedCase("constant_image", "every voxel has the same value")
 
 
 def read_mask(mask_path: Path, native_shape, native_affine: np.ndarray,

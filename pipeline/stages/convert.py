@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.limits import DEFAULT_MAX_CASE_BYTES
-from pipeline.core.volume import Volume
+from pipeline.core.volume import Volume, check_voxels
 from pipeline.io.dicom import read_dicom_series
 from pipeline.io.nifti import write_nifti
-from pipeline.io.reader import check_voxels
 
 
 def convert(src: Path | str, out: Path | str, series_uid: str | None = None,
@@ -21,7 +20,7 @@ def convert(src: Path | str, out: Path | str, series_uid: str | None = None,
 
     The same voxel rule as ingest (`check_voxels`): a NaN or infinite volume is refused, not written.
     """
-    volume = read_dicom_series(src, series_uid=series_uid, max_bytes=max_bytes)
+    volume = read_dicom_series(src, series_uid=series_uid, max_bytes=max_bytes, integers=True)
     check_voxels(volume.data)
     write_nifti(volume, out)
     return volume
