@@ -193,43 +193,37 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- servers
-@contextlib.contextmanager
-def mlflow_serve(model_uri: str, tracking_uri: str, log_path: Path, env_extra: dict | None = None,
-                 drop_env: tuple[str, ...] = (), timeout_s: float = 120):
-    """`mlflow models serve` of `model_uri` on a free port of 127.0.0.1, up once /ping answers; stopped by its
-    process group at exit. Yields (base URL, port, pid)."""
-    import os
-    import signal
+def free_port() -> int:
     import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    bin_dir = str(Path(sys.executable).parent)  # uvicorn lives beside the interpreter
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
-    env.update(env_extra or {})
-    for key in drop_env:
-        env.pop(key, None)
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(cmd: list[str], ready_url: str, log_path: Path, env: dict | None = None, timeout_s: float = 120):
+    """Run a server `cmd` in its own process group until `ready_url` answers 200; stop it by that group's PID at
+    exit (SIGTERM, then SIGKILL). Yields the PID."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
     log = log_path.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-                             "local", "--host", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline, up = time.monotonic() + timeout_s, False
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                with urllib.request.urlopen(ready_url, timeout=2) as r:
                     up = r.status == 200
                     break
             except OSError:
                 time.sleep(0.5)
-        assert up, f"server did not answer /ping within {timeout_s:g} s:\n" + log_path.read_text()[-3000:]
-        yield base, port, proc.pid
+        assert up, f"{cmd[:3]} did not answer {ready_url} within {timeout_s:g} s:\n" + log_path.read_text()[-3000:]
+        yield proc.pid
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -239,3 +233,46 @@ def mlflow_serve(model_uri: str, tracking_uri: str, log_path: Path, env_extra: d
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         log.close()
+
+
+@contextlib.contextmanager
+def mlflow_serve(model_uri: str, tracking_uri: str, log_path: Path, env_extra: dict | None = None,
+                 drop_env: tuple[str, ...] = (), timeout_s: float = 120):
+    """`mlflow models serve` of `model_uri` on a free port of 127.0.0.1, up once /ping answers; stopped by its
+    process group at exit. Yields (base URL, port, pid)."""
+    import os
+    import sys
+
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)  # uvicorn lives beside the interpreter
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    env.update(env_extra or {})
+    for key in drop_env:
+        env.pop(key, None)
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", "127.0.0.1", "-p", str(port)]
+    with serve(cmd, f"{base}/ping", log_path, env, timeout_s) as pid:
+        yield base, port, pid
+
+
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def s3_server(log_path: Path, bucket: str, timeout_s: float = 60):
+    """moto's S3 API server (a real HTTP server, in-memory buckets) on a free port of 127.0.0.1, with `bucket`
+    created. Yields its endpoint URL; stopped by PID at exit. Clients need `S3_TEST_ENV`'s credentials."""
+    import os
+    import sys
+
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with serve(cmd, f"{endpoint}/moto-api/", log_path, dict(os.environ), timeout_s):
+        boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_TEST_ENV.items()
+                                                     if k != "AWS_DEFAULT_REGION"},
+                     region_name=S3_TEST_ENV["AWS_DEFAULT_REGION"]).create_bucket(Bucket=bucket)
+        yield endpoint

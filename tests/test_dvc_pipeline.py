@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import boto3
 import pytest
 import yaml
+from helpers import S3_TEST_ENV, s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,3 +97,26 @@ def test_dvc_repro_on_a_tiny_cohort(tmp_path):
     assert "up to date" in status, status
     again = in_clone("dvc", "repro").stdout
     assert "Running stage" not in again and ("up to date" in again or "didn't change" in again), again
+
+    # The same through an S3 API (moto's server on 127.0.0.1; dvc-s3 speaks to it as to AWS, MinIO or Ceph):
+    # push from the first checkout, pull into a third clone that has never seen the local folder remote.
+    with s3_server(tmp_path / "moto.log", "resdx-dvc") as endpoint:
+        env.update(S3_TEST_ENV)
+        run("dvc", "remote", "add", "s3", "s3://resdx-dvc/cache")
+        run("dvc", "remote", "modify", "s3", "endpointurl", endpoint)
+        run("dvc", "push", "-r", "s3")
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="resdx-dvc", Prefix="cache/")
+                for o in page.get("Contents", [])]
+        assert len(keys) == sum(1 for f in remote.rglob("*") if f.is_file()) > 0  # the same objects as the folder
+        run("git", "add", "-A")
+        run("git", "commit", "-qm", "an S3 remote")
+        clone_s3 = tmp_path / "clone-s3"
+        run("git", "clone", "-q", str(work), str(clone_s3))
+        r = subprocess.run(["dvc", "pull", "-r", "s3"], cwd=clone_s3, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert (clone_s3 / "models/model.safetensors").read_bytes() == (work / "models/model.safetensors").read_bytes()
+    status = subprocess.run(["dvc", "repro"], cwd=clone_s3, env=env, capture_output=True, text=True, timeout=600)
+    assert status.returncode == 0 and "Running stage" not in status.stdout, status.stdout[-3000:]
