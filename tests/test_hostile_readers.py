@@ -238,6 +238,40 @@ def test_a_worker_that_dies_ends_its_case_only():
     assert out == [{"failed": "died (exit code 3)"}]
 
 
+def _pid_or_die(task: dict) -> dict:
+    if task.get("die"):
+        os._exit(3)
+    if task.get("s"):
+        import time
+
+        time.sleep(task["s"])
+    return {"pid": os.getpid(), "n": task["n"]}
+
+
+def test_workers_are_reused_and_replaced_after_a_death_or_a_timeout(monkeypatch):
+    """Long-lived workers: many tasks share a few processes; a death or a timeout costs its task only, and the
+    next task runs in a fresh worker; a worker is replaced after TASKS_PER_WORKER tasks (bounded memory)."""
+    from pipeline import progress
+
+    def fail(t, why):
+        return {"failed": why, "n": t["n"]}
+
+    tasks = [{"n": n} for n in range(12)]
+    out = progress_map(_pid_or_die, tasks, 2, "t", show=False, timeout_s=30, on_fail=fail)
+    assert [o["n"] for o in out] == list(range(12))
+    assert len({o["pid"] for o in out}) <= 2 and os.getpid() not in {o["pid"] for o in out}
+
+    tasks = [{"n": 0}, {"n": 1, "die": True}, {"n": 2}, {"n": 3, "s": 30.0}, {"n": 4}, {"n": 5}]
+    out = progress_map(_pid_or_die, tasks, 1, "t", show=False, timeout_s=2.0, on_fail=fail)
+    assert [o.get("failed") for o in out] == [None, "died (exit code 3)", None, "timeout", None, None]
+    assert out[0]["pid"] != out[2]["pid"] != out[4]["pid"] and out[4]["pid"] == out[5]["pid"]
+
+    monkeypatch.setattr(progress, "TASKS_PER_WORKER", 3)
+    out = progress_map(_pid_or_die, [{"n": n} for n in range(7)], 1, "t", show=False, timeout_s=30, on_fail=fail)
+    pids = [o["pid"] for o in out]
+    assert pids[0] == pids[1] == pids[2] != pids[3] == pids[4] == pids[5] != pids[6]
+
+
 def test_ingest_rejects_timed_out_cases_with_timeout(tmp_path):
     from helpers import ingest_params, read_index
     from test_bad_input import write_manifest
