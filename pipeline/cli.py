@@ -152,9 +152,7 @@ def evaluate(params: Path = PARAMS_OPT) -> None:
     _quiet_libraries()
     p = _params(params)
     r = run_evaluate(p)
-    table = Table(title="evaluate summary")
-    for col in ("split", "n", "AUROC [95% CI]", "accuracy", "ECE before/after", "Brier"):
-        table.add_column(col)
+    table = Table("split", "n", "AUROC [95% CI]", "accuracy", "ECE before/after", "Brier", title="evaluate summary")
     for s in [k for k in ("val", "oof", "test") if k in r]:  # oof: out of fold, for a K-fold ensemble
         m = r[s]
         ci = m.get("auroc_ci95") or [None, None]
@@ -215,8 +213,7 @@ def _decision(action: str, version: str, reason: str, params: Path) -> None:
     from pipeline.tracking import registry
 
     _quiet_libraries()
-    p = _params(params)
-    r = getattr(registry, action)(p, version, reason)
+    r = getattr(registry, action)(_params(params), version, reason)
     console.print(f"{action}d {r['model_name']} v{r['version']} ({r['who']}, {r['when']}): {r['reason']}; "
                   f"champion now: {r.get('champion') or 'none'}")
 
@@ -252,6 +249,9 @@ def predict(
                                        "--dicom-out/<study-id>/ for local DICOM folders."),
     dicom_out: Path | None = typer.Option(None, "--dicom-out", help="Folder for local studies' DICOM results "
                                           "(default: OUT-dicom). PACS side: they carry the source's identity."),
+    engine: str = typer.Option("local", help="local, or ray: the studies spread over the Ray cluster at --ray-address "
+                               "(default ingest.ray_address; none: a private one), the model loaded once per worker."),
+    ray_address: str | None = typer.Option(None, help="host:port of the Ray cluster's head (ray start --head)."),
     params: Path = PARAMS_OPT,
 ) -> None:
     """Calibrated probabilities for new studies, through ingest's code and the model's own plan."""
@@ -262,10 +262,10 @@ def predict(
     uri = model or f"models:/{p.register.model_name}@champion"
     r = run_predict(uri, [str(x) if str(x).startswith("dicomweb:") else x for x in paths], out, modality=modality,
                     saliency=saliency, tracking_uri=p.mlflow.tracking_uri, progress=sys.stderr.isatty(),
-                    explain=p.explain, pacs=p.pacs, dicom_results=dicom_results, dicom_out=dicom_out)
-    table = Table(title=f"predict: {r['model']['name']} v{r['model']['version']}")
-    for col in ("study", "status", "result"):
-        table.add_column(col)
+                    explain=p.explain, pacs=p.pacs, dicom_results=dicom_results, dicom_out=dicom_out, engine=engine,
+                    ray_address=ray_address or p.ingest.ray_address)
+    table = Table("study", "status", "result", title=f"predict: {r['model']['name']} v{r['model']['version']} "
+                  f"({r['engine']['name']}, {r['engine']['workers']} worker(s))")
     for rec in r["records"]:
         if rec["status"] == "ok":
             probs = ", ".join(f"{k} {v:.3f}" for k, v in rec["probabilities"].items())

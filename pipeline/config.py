@@ -130,6 +130,10 @@ class IngestConfig(_Strict):
     # Content-addressed cache of decoded, reoriented volumes (git-ignored, survives `dvc repro`).
     cache_dir: Path = Path(".cache/ingest")
     workers: int = Field(2, ge=1)
+    # local: a pool of `workers` processes on this machine (no Ray needed). ray: one Ray task per case on
+    # the cluster at ray_address (host:port of the head; null = a private Ray instance of `workers` CPUs).
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
     max_rejected_fraction: float = Field(0.2, ge=0.0, le=1.0)
     # Target voxel spacing in mm (x, y, z after reorientation to RAS); null = from the fingerprint.
     spacing: tuple[float, float, float] | None = (5.0, 5.0, 5.0)

@@ -58,11 +58,13 @@ _KINDS: dict[str, tuple[type, str, str]] = {
     "MissingInput": (FileNotFoundError, "missing_input", "run the earlier stages first (dvc repro)"),
     "PlanError": (ValueError, "bad_plan", "re-run the ingest stage so that plan.json is written by this version"),
     "RegistryError": (ValueError, "registry", "check register.model_name, the version and mlflow.tracking_uri"),
+    "EngineError": (RuntimeError, "engine", "install the Ray extra (pip install 'resdx[ray]') and check "
+                    "ingest.ray_address / --ray-address (`ray status` on the head node)"),
     # `resdx review import` and the stored verdict tables; each refusal sets its own code (review_*).
     "ReviewError": (ValueError, "bad_review", "export the verdicts again from the current report "
                     "(reports/explain/report.html) and import that file"),
 }
-ConfigError, ManifestError, IngestFailed, MissingInput, PlanError, RegistryError, ReviewError = (
+ConfigError, ManifestError, IngestFailed, MissingInput, PlanError, RegistryError, EngineError, ReviewError = (
     type(name, (ResDxError, base), {"code": code, "hint": hint, "__module__": __name__, "__doc__": hint})
     for name, (base, code, hint) in _KINDS.items())
 
@@ -70,4 +72,4 @@ ConfigError, ManifestError, IngestFailed, MissingInput, PlanError, RegistryError
 # The error classes (tests/test_config_cli.py checks each has a code and a hint); `unexpected_reason` is
 # imported by name.
 __all__ = ["ResDxError", "RejectedCase", "ConfigError", "ManifestError", "IngestFailed", "MissingInput",
-           "PlanError", "RegistryError", "ReviewError"]
+           "PlanError", "RegistryError", "EngineError", "ReviewError"]

@@ -17,12 +17,17 @@ from multiprocessing.connection import wait
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def progress_map(fn: Callable[[dict], dict], tasks: list[dict], workers: int, label: str, show: bool = True,
-                 timeout_s: float | None = None, on_fail: Callable[[dict, str], dict] | None = None) -> list:
+def task_bar(label: str, show: bool) -> Progress:
+    """The bar of a map over tasks (this pool's and the Ray engine's): count, elapsed time, ETA."""
     columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
+    return Progress(*columns, disable=not show, transient=False)
+
+
+def progress_map(fn: Callable[[dict], dict], tasks: list[dict], workers: int, label: str, show: bool = True,
+                 timeout_s: float | None = None, on_fail: Callable[[dict, str], dict] | None = None) -> list:
     results: list = [None] * len(tasks)
-    with Progress(*columns, disable=not show, transient=False) as bar:
+    with task_bar(label, show) as bar:
         job = bar.add_task(label, total=len(tasks))
         if timeout_s is not None and on_fail is not None and tasks:
             return _supervised(fn, tasks, workers, timeout_s, on_fail, lambda: bar.advance(job))

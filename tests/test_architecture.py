@@ -14,18 +14,21 @@ PACKAGE = REPO / "pipeline"
 MAX_LINES = 400
 
 # What each folder may import from the package (besides itself). Top-level config/errors/layout
-# are shared by all; `progress` is the console's progress bar, for sources and stages.
+# are shared by all; `progress` is the console's progress bar and local pool, for sources and stages;
+# `ray_engine` the same map on a Ray cluster, for stages.
 ALLOWED = {
     "core": {"config", "errors"},
     "io": {"core", "config", "errors", "layout"},
     "sources": {"io", "core", "config", "errors", "layout", "progress"},
     "tracking": {"io", "core", "config", "errors", "layout"},
     "reporting": {"io", "core", "config", "errors", "layout"},
-    "stages": {"tracking", "reporting", "sources", "io", "core", "config", "errors", "layout", "progress"},
+    "stages": {"tracking", "reporting", "sources", "io", "core", "config", "errors", "layout", "progress",
+               "ray_engine"},
     "config": {"errors"},
     "errors": set(),
     "layout": {"config"},
     "progress": set(),
+    "ray_engine": {"progress", "errors"},
 }
 FORBIDDEN_THIRD_PARTY = {"core": {"mlflow", "typer", "rich", "dvc"}}
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Params
+from pipeline.config import IngestConfig, Params
 from pipeline.core.plan import ReaderSettings, fit_plan, reader_settings
 from pipeline.core.preprocess import PREPROCESS_VERSION, canonicalize, finish_case
 from pipeline.errors import IngestFailed, RejectedCase, unexpected_reason
@@ -259,17 +259,25 @@ def _import_readers() -> None:
     import pipeline.io.reader  # noqa: F401
 
 
+def _map(cfg: IngestConfig, fn: Callable[[dict], dict], tasks: list[dict], label: str, progress: bool) -> list:
+    """The cases through `fn` on ingest.engine: this machine's supervised pool, or a Ray cluster."""
+    if cfg.engine == "ray":
+        from pipeline.ray_engine import ray_map
+
+        return ray_map(fn, tasks, cfg.ray_address, label, progress, cfg.case_timeout_s, _failed(label), cfg.workers)
+    _import_readers()
+    return progress_map(fn, tasks, cfg.workers, label, progress, cfg.case_timeout_s, _failed(label))
+
+
 def _run(params: Params, rows: list[CaseRow], out: Path, cache: Path, progress: bool,
          origin: list[tuple[str, str]]) -> IngestSummary:
     t0 = time.perf_counter()
     cfg = params.ingest
     remove_temp_files(cache, out, IngestDir(out).tensors, IngestDir(out).masks)
     reader = reader_settings(params)
-    _import_readers()
     tasks = [{"row": r, "reader": reader, "cache": cache, "pacs": params.pacs, "time_limit_s": cfg.case_timeout_s}
              for r in rows]
-    prepared = progress_map(_prepare, tasks, cfg.workers, "reading", progress, cfg.case_timeout_s,
-                            _failed("reading"))
+    prepared = _map(cfg, _prepare, tasks, "reading", progress)
     for n, (p, r) in enumerate(zip(prepared, rows)):
         # Rows are tracked by position: a duplicated case_id must not overwrite its first row.
         p.update(row=n, modality=r.modality, split=r.split, label=r.label)
@@ -285,8 +293,7 @@ def _run(params: Params, rows: list[CaseRow], out: Path, cache: Path, progress: 
     tasks = [{"prep": p, "plan": plan, "plan_hash": phash, "out": out, "cache": cache,
               "mask_path": masks.get(p["row"])} for p in ok]
     IngestDir(out).masks.mkdir(parents=True, exist_ok=True)  # a DVC output even when no case has a mask
-    done = progress_map(_finalize, tasks, cfg.workers, "preprocessing", progress, cfg.case_timeout_s,
-                        _failed("preprocessing"))
+    done = _map(cfg, _finalize, tasks, "preprocessing", progress)
     finals = {p["row"]: f for p, f in zip(ok, done)}
     remove_stale(IngestDir(out).tensors, {p["case_id"] for p in ok})
     remove_stale(IngestDir(out).masks, {p["case_id"] for p in ok})

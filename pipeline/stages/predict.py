@@ -20,12 +20,14 @@ import datetime as dt
 import hashlib
 import os
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import ExplainConfig, PacsConfig
-from pipeline.errors import RegistryError, unexpected_reason
+from pipeline.errors import ConfigError, RegistryError, unexpected_reason
 
 
 def study_id(path: Path | str) -> str:
@@ -191,10 +193,97 @@ def _reject(rec: dict, err: Exception, doing: str) -> dict:
     return rec | {"code": "unexpected_error", "reason": unexpected_reason(err, doing)}
 
 
+@dataclass(frozen=True)
+class PredictJob:
+    """What every study of one `run_predict` call shares (picklable: it travels to Ray workers)."""
+
+    out: Path
+    modality: str | None
+    saliency: bool
+    dicom_results: bool
+    dicom_out: Path | None
+    explain: ExplainConfig
+    pacs: PacsConfig
+    model_uri: str
+    model_fields: dict
+
+
+def predict_path(impl, job: PredictJob, i: int, path: Path | str) -> dict:
+    """One study end to end: retrieval (dicomweb:), prediction, map, DICOM results; its JSON record."""
+    from pipeline.errors import RejectedCase
+    from pipeline.sources.dicomweb import is_remote, parse_ref, retrieve
+
+    pacs, ex_cfg, out = job.pacs, job.explain, job.out
+    remote, t0 = is_remote(path), time.perf_counter()
+    sid = study_id(f"{pacs.url.rstrip('/')}/{os.fspath(path)}" if remote else path)
+    timing: dict = {}
+    rec, prep, local = None, None, Path(path)
+    if remote:
+        try:
+            got = retrieve(parse_ref(path), pacs, job.modality, impl.plan.reader.max_case_bytes)
+            local = got.folder
+            timing |= {"retrieve_s": round(got.seconds, 3), "instances_retrieved": got.n_retrieved,
+                       "instances_cached": got.n_cached}
+        except (RejectedCase, ValueError) as err:
+            why = err if isinstance(err, RejectedCase) else RejectedCase("bad_reference", str(err))
+            rec = {"status": "rejected", "reason_code": why.code, "reason": why.reason}
+    if rec is None:
+        t1 = time.perf_counter()
+        rec, prep = predict_one(impl, local, job.modality)
+        timing["predict_s"] = round(time.perf_counter() - t1, 3)
+    rec = {"study_id": sid, "input_index": i, "source": "dicomweb" if remote else "local", **rec,
+           "model": job.model_fields, "created_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()}
+    dicom_input = prep is not None and local.is_dir()
+    native, explained = None, ""
+    if prep is not None and (job.saliency or (job.dicom_results and dicom_input)):
+        t1 = time.perf_counter()
+        try:
+            ex, native = explain_study(impl, prep, ex_cfg.class_index, ex_cfg.method, ex_cfg.target_layer,
+                                       ex_cfg.shifts)
+            explained = impl.class_names[ex.explained_class]
+            if job.saliency:
+                rec["saliency"] = _write_saliency(native, prep, out, sid)
+                rec["saliency_class"] = explained
+        except Exception as err:  # noqa: BLE001 - a failed map must not lose the prediction
+            rec["saliency"] = None
+            rec["saliency_error"] = unexpected_reason(err, "computing the saliency map", sid)
+        timing["saliency_s"] = round(time.perf_counter() - t1, 3)
+    if job.dicom_results and prep is not None:
+        t1 = time.perf_counter()
+        if not dicom_input:
+            rec["dicom_results"] = {"code": "not_dicom_input",
+                                    "reason": "DICOM results need a DICOM source series (this is NIfTI)"}
+        else:
+            try:
+                identity = model_identity(job.model_uri, job.model_fields["name"], job.model_fields["version"])
+                rec["dicom_results"] = _dicom_results(
+                    impl, rec, local, native, explained, identity, pacs if remote else None,
+                    None if remote else Path(job.dicom_out or out.with_name(out.name + "-dicom")) / sid)
+            except Exception as err:  # noqa: BLE001 - a failed write must not lose the prediction
+                rec["dicom_results"] = _reject({"stored_to": None}, err, "writing the DICOM results")
+        timing["store_s"] = round(time.perf_counter() - t1, 3)
+    rec["timing"] = timing | {"total_s": round(time.perf_counter() - t0, 3)}
+    return rec
+
+
+def _load_on_worker(model_uri: str, tracking_uri: str, registry_uri: str):
+    """A Ray worker's copy of the model: loaded once, when the worker starts (`ray_engine.ray_actor_map`)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(registry_uri)
+    return load_registered(model_uri)[1]
+
+
+def _predict_on_worker(impl, item: tuple[PredictJob, int, str]) -> dict:
+    job, i, path = item
+    return predict_path(impl, job, i, path)
+
+
 def run_predict(model_uri: str, paths: list[Path | str], out_dir: Path | str, modality: str | None = None,
                 saliency: bool = False, tracking_uri: str | None = None, progress: bool = True,
                 explain: ExplainConfig | None = None, pacs: PacsConfig | None = None, dicom_results: bool = False,
-                dicom_out: Path | str | None = None) -> dict:
+                dicom_out: Path | str | None = None, engine: str = "local", ray_address: str | None = None) -> dict:
     """Predict every study in `paths`; writes OUT/<study-id>.json (and a saliency NIfTI with `saliency`).
 
     A path ``dicomweb:<StudyInstanceUID>[/<SeriesInstanceUID>]`` is retrieved from `pacs.url` first.
@@ -203,84 +292,49 @@ def run_predict(model_uri: str, paths: list[Path | str], out_dir: Path | str, mo
     a local folder (those files are PACS-side: they carry the source's identity and UIDs; OUT does not).
     The map uses `explain` (method, layer, shifts, class) — by default the params' defaults, the
     same as the explain stage's — and explains the class the calibrated decision chose.
+    `engine="ray"`: the studies are spread over the Ray cluster at `ray_address` (None: a private one on
+    this machine), one worker per CPU, each loading the model once; the records equal the local run's.
     """
     import mlflow
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pipeline.errors import RejectedCase
     from pipeline.io.artifacts import save_json
-    from pipeline.sources.dicomweb import is_remote, parse_ref, retrieve
+    from pipeline.progress import task_bar
 
-    ex_cfg, pacs = explain or ExplainConfig(), pacs or PacsConfig()
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"unknown engine {engine!r}", hint="use --engine local or --engine ray")
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name, version = resolve_model_version(model_uri)
-    _, impl = load_registered(model_uri)
     model_fields = {"uri": model_uri, "name": name, "version": version}
-    identity = model_identity(model_uri, name, version)
-    records = []
-    columns = (TextColumn("[bold]predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[info]}"))
-    with Progress(*columns, disable=not progress) as bar:
-        job = bar.add_task("predict", total=len(paths), info="")
-        for i, path in enumerate(paths):
-            remote, t0 = is_remote(path), time.perf_counter()
-            sid = study_id(f"{pacs.url.rstrip('/')}/{os.fspath(path)}" if remote else path)
-            timing: dict = {}
-            rec, prep, local = None, None, Path(path)
-            if remote:
-                try:
-                    got = retrieve(parse_ref(path), pacs, modality, impl.plan.reader.max_case_bytes)
-                    local = got.folder
-                    timing |= {"retrieve_s": round(got.seconds, 3), "instances_retrieved": got.n_retrieved,
-                               "instances_cached": got.n_cached}
-                except (RejectedCase, ValueError) as err:
-                    why = err if isinstance(err, RejectedCase) else RejectedCase("bad_reference", str(err))
-                    rec = {"status": "rejected", "reason_code": why.code, "reason": why.reason}
-            if rec is None:
-                t1 = time.perf_counter()
-                rec, prep = predict_one(impl, local, modality)
-                timing["predict_s"] = round(time.perf_counter() - t1, 3)
-            rec = {"study_id": sid, "input_index": i, "source": "dicomweb" if remote else "local", **rec,
-                   "model": model_fields, "created_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()}
-            dicom_input = prep is not None and local.is_dir()
-            native, explained = None, ""
-            if prep is not None and (saliency or (dicom_results and dicom_input)):
-                t1 = time.perf_counter()
-                try:
-                    ex, native = explain_study(impl, prep, ex_cfg.class_index, ex_cfg.method, ex_cfg.target_layer,
-                                               ex_cfg.shifts)
-                    explained = impl.class_names[ex.explained_class]
-                    if saliency:
-                        rec["saliency"] = _write_saliency(native, prep, out, sid)
-                        rec["saliency_class"] = explained
-                except Exception as err:  # noqa: BLE001 - a failed map must not lose the prediction
-                    rec["saliency"] = None
-                    rec["saliency_error"] = unexpected_reason(err, "computing the saliency map", sid)
-                timing["saliency_s"] = round(time.perf_counter() - t1, 3)
-            if dicom_results and prep is not None:
-                t1 = time.perf_counter()
-                if not dicom_input:
-                    rec["dicom_results"] = {"code": "not_dicom_input",
-                                            "reason": "DICOM results need a DICOM source series (this is NIfTI)"}
-                else:
-                    try:
-                        rec["dicom_results"] = _dicom_results(
-                            impl, rec, local, native, explained, identity, pacs if remote else None,
-                            None if remote else Path(dicom_out or out.with_name(out.name + "-dicom")) / sid)
-                    except Exception as err:  # noqa: BLE001 - a failed write must not lose the prediction
-                        rec["dicom_results"] = _reject({"stored_to": None}, err, "writing the DICOM results")
-                timing["store_s"] = round(time.perf_counter() - t1, 3)
-            rec["timing"] = timing | {"total_s": round(time.perf_counter() - t0, 3)}
-            save_json(out / f"{sid}.json", rec)
-            records.append(rec)
-            bar.update(job, advance=1, info=f"{sid}: {rec['status']}")
+    job = PredictJob(out, modality, saliency, dicom_results, Path(dicom_out) if dicom_out else None,
+                     explain or ExplainConfig(), pacs or PacsConfig(), model_uri, model_fields)
+    items = [(job, i, p) for i, p in enumerate(paths)]
+    records: list[dict] = []
+    workers = 1
+    if engine == "ray":
+        from pipeline.ray_engine import ray_actor_map
+
+        load = partial(_load_on_worker, model_uri, mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+        load_registered(model_uri)  # fails here, with its hint, when the model cannot be loaded at all
+        records, workers = ray_actor_map(load, _predict_on_worker, items, ray_address, "predicting", progress)
+        for rec in records:
+            save_json(out / f"{rec['study_id']}.json", rec)
+    else:
+        _, impl = load_registered(model_uri)
+        with task_bar("predicting", progress) as bar:
+            task = bar.add_task("predict", total=len(paths))
+            for item in items:
+                rec = predict_path(impl, *item)
+                save_json(out / f"{rec['study_id']}.json", rec)
+                records.append(rec)
+                bar.advance(task)
     n_ok = sum(r["status"] == "ok" for r in records)
     return {"model": model_fields, "out_dir": str(out), "n": len(records), "n_ok": n_ok,
-            "n_rejected": len(records) - n_ok, "records": records}
+            "n_rejected": len(records) - n_ok, "records": records,
+            "engine": {"name": engine, "workers": workers}}
 
 
 __all__ = ["run_predict", "predict_one", "study_id", "load_registered", "resolve_model_version", "label_results"]
