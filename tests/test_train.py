@@ -195,3 +195,27 @@ def test_stages_log_to_a_stand_in_run_when_the_training_run_is_not_in_the_store(
     assert training_run_id(params, models) == first  # a run the store has is used as is
     off = params_from_dict({"mlflow": {"enabled": False}})
     assert training_run_id(off, models) is None
+
+
+def test_a_kill_between_the_state_files_leaves_the_previous_epoch_whole(tmp_path):
+    """progress.json names the epoch's weight and optimizer files and is written last: weights of a newer epoch
+    on disk without their progress.json are not resumed, and older epochs' files are removed."""
+    from pipeline.io.checkpoint import load_train_state, save_train_state, save_weights
+
+    def parts():
+        model = build_model(ModelSpec("plain_cnn", 3, 1, 2, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, torch.optim.lr_scheduler.StepLR(opt, 1)
+
+    model, opt, sched = parts()
+    save_train_state(tmp_path, model, opt, sched, {"epoch": 0, "best": 0.5})
+    epoch0 = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for w in model.parameters():
+            w.add_(1.0)
+    save_weights(model, tmp_path / "last-1.safetensors")  # killed here: epoch 1's optimizer and progress not written
+    fresh, fopt, fsched = parts()
+    assert load_train_state(tmp_path, fresh, fopt, fsched)["epoch"] == 0
+    assert all(torch.equal(fresh.state_dict()[k], epoch0[k]) for k in epoch0)
+    save_train_state(tmp_path, model, opt, sched, {"epoch": 1, "best": 0.6})
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["last-1.safetensors", "optim-1.pt", "progress.json"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from pipeline.core.models import ModelSpec, build_model
 from pipeline.errors import MissingInput
@@ -58,22 +60,68 @@ def load_checkpoint(folder: Path | str, device: str = "cpu") -> tuple[torch.nn.M
 
 
 def save_train_state(state: Path, model, opt, sched, progress: dict) -> None:
-    """The resumable last-epoch state of one training run (our own files: tensors and JSON only)."""
-    save_weights(model, state / "last.safetensors")
+    """The resumable last-epoch state of one training run (our own files: tensors and JSON only).
+
+    The epoch's weights and optimizer go to files named by the epoch; progress.json, written last and
+    atomically, names them. A kill at any moment leaves the previous epoch's complete state or this one's,
+    never new weights beside an old epoch number."""
+    epoch = progress["epoch"]
+    weights, optim = f"last-{epoch}.safetensors", f"optim-{epoch}.pt"
+    save_weights(model, state / weights)
     tmp = state / ".tmp-optim.pt"
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
-    tmp.replace(state / "optim.pt")
-    save_json(state / "progress.json", progress)  # written last: it marks the epoch complete
+    tmp.replace(state / optim)
+    save_json(state / "progress.json", progress | {"files": [weights, optim]})
+    for old in [*state.glob("last*.safetensors"), *state.glob("optim*.pt")]:
+        if old.name not in (weights, optim):
+            old.unlink(missing_ok=True)
 
 
 def load_train_state(state: Path, model, opt, sched) -> dict | None:
-    """Resume from the last completed epoch of the same run key, if any."""
-    prog = state / "progress.json"
-    if not prog.exists():
+    """Resume from the last completed epoch of the same run key, if any. Under torch.distributed rank 0
+    alone writes the state (on its node's disk): it reads the files and sends their bytes to every rank,
+    so all ranks resume the same epoch and the nodes need not share `train.state_dir`."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    files = _read_state_files(state) if not distributed or dist.get_rank() == 0 else None
+    if distributed:  # the model is already on its device: the device the backend sends from
+        files = _broadcast_files(files, next(model.parameters()).device)
+    if files is None:
         return None
-    progress = json.loads(prog.read_text())
-    model.load_state_dict(load_file(str(state / "last.safetensors")))
-    blob = torch.load(state / "optim.pt", map_location="cpu", weights_only=True)  # this run's own file, tensors only
+    model.load_state_dict(load(files["last.safetensors"]))
+    # this run's own file, tensors only
+    blob = torch.load(io.BytesIO(files["optim.pt"]), map_location="cpu", weights_only=True)
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
-    return progress
+    return json.loads(files["progress.json"])
+
+
+STATE_FILES = ("progress.json", "last.safetensors", "optim.pt")  # what a state holds, as sent between ranks
+
+
+def _read_state_files(state: Path) -> dict[str, bytes] | None:
+    """progress.json and the weights and optimizer files it names (a state from before the names: fixed ones)."""
+    if not (state / "progress.json").exists():
+        return None
+    progress = (state / "progress.json").read_bytes()
+    weights, optim = json.loads(progress).get("files", ["last.safetensors", "optim.pt"])
+    return dict(zip(STATE_FILES, (progress, (state / weights).read_bytes(), (state / optim).read_bytes())))
+
+
+def _broadcast_files(files: dict[str, bytes] | None, device: torch.device) -> dict[str, bytes] | None:
+    """Rank 0's state files on every rank (None: there are none): their sizes, then their bytes (no pickle)."""
+    import torch.distributed as dist
+
+    sizes = torch.tensor([len(files[n]) if files else -1 for n in STATE_FILES], dtype=torch.int64, device=device)
+    dist.broadcast(sizes, src=0)
+    sizes = sizes.tolist()
+    if sizes[0] < 0:
+        return None
+    if files:
+        buf = torch.frombuffer(bytearray(b"".join(files[n] for n in STATE_FILES)), dtype=torch.uint8).to(device)
+    else:
+        buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    dist.broadcast(buf, src=0)
+    data, ends = buf.cpu().numpy().tobytes(), np.cumsum(sizes).tolist()
+    return {n: data[end - size:end] for n, size, end in zip(STATE_FILES, sizes, ends)}
