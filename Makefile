@@ -5,10 +5,12 @@ BIN      = $(VENV)/bin
 # torch first and pinned: pip then takes the local CPU wheel instead of a multi-GB CUDA build.
 TORCH    = torch==2.13.0
 PACS_PORT ?= 8042
+MLFLOW_PORT ?= 5000
 export DVC_NO_ANALYTICS = 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup setup-dev setup-browser setup-pacs pacs pacs-stop repro test lint bench clean
+.PHONY: setup setup-dev setup-browser setup-pacs setup-postgres pacs pacs-stop mlflow-server mlflow-server-stop \
+	repro test lint bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,14 +47,30 @@ pacs: setup setup-pacs
 pacs-stop:
 	$(BIN)/python -m tools.orthanc stop
 
+# The shared MLflow tracking server's database: Debian's PostgreSQL (its server programs live in
+# /usr/lib/postgresql/N/bin, off PATH). The package's postinst may start a system cluster on port 5432
+# (in a container policy-rc.d denies it); ours is a separate cluster in .mlflow-server/ on a free port.
+setup-postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| (apt-get update -q && apt-get install -y -q --no-install-recommends postgresql)
+
+# A shared tracking server: PostgreSQL backend, proxied artifacts, both on 127.0.0.1 (state in .mlflow-server/).
+# Pipelines use it with mlflow.tracking_uri: http://127.0.0.1:$(MLFLOW_PORT).
+mlflow-server: setup setup-postgres
+	$(BIN)/python -c 'import psycopg' 2>/dev/null || $(BIN)/pip install -q -e '.[postgres]' -c constraints.txt
+	$(BIN)/python -m tools.mlflow_server start --port $(MLFLOW_PORT)
+
+mlflow-server-stop:
+	$(BIN)/python -m tools.mlflow_server stop
+
 repro: setup
 	$(BIN)/dvc config --local core.analytics false
 	$(BIN)/dvc config --local core.check_update false
 	$(BIN)/dvc repro
 
-test: setup-dev setup-browser setup-pacs
+test: setup-dev setup-browser setup-pacs setup-postgres
 	$(BIN)/ruff check pipeline tests benchmarks tools
-	$(BIN)/python -m pytest -n 2
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 lint: setup-dev
 	$(BIN)/ruff check pipeline tests benchmarks tools

@@ -33,6 +33,8 @@ All pass: alias ``champion`` moves to the new version (the previous champion is 
 ``replaced_by``). Otherwise the version stays ``candidate`` with tag ``gate_reason``.
 ``candidate`` always names the most recent registration. `promote` / `demote` record manual
 decisions (who = `getpass.getuser()`, when = UTC time, why) in tags and in a ``decisions`` log tag.
+Pipelines sharing one registry (a tracking server) take turns: moving an alias and the applied gate
+hold the model's lock (`pipeline.tracking.registry.gate_lock`).
 """
 
 from __future__ import annotations
@@ -59,8 +61,10 @@ from pipeline.tracking.registry import (
     append_decision,
     client_for,
     fmt,
+    gate_lock,
     jsonable,
     log_pyfunc,
+    newest_version,
     now,
     who,
 )
@@ -116,12 +120,21 @@ def _notes(explanations: list[dict]) -> str:
 def run_gate(params: Params, version: str | int, metrics: dict | None = None, ingest_dir: Path | str | None = None,
              apply: bool = True) -> dict:
     """Check the promotion gate for `version`; with `apply`, move `champion` or tag `gate_reason`."""
+    client = client_for(params)
+    if not apply:
+        return _gate(client, params, str(version), metrics, ingest_dir, apply=False)
+    # One applied gate at a time per model (pipelines sharing a registry): from reading the champion to
+    # moving the alias, so that a new champion has always been compared with the one it replaces.
+    with gate_lock(client, params.register.model_name):
+        return _gate(client, params, str(version), metrics, ingest_dir, apply=True)
+
+
+def _gate(client, params: Params, version: str, metrics: dict | None, ingest_dir: Path | str | None,
+          apply: bool) -> dict:
     import mlflow
 
     cfg = params.register
     name = cfg.model_name
-    version = str(version)
-    client = client_for(params)
     mv = client.get_model_version(name, version)
     if metrics is None:
         metrics = json.loads(mv.tags.get("metrics_json", "{}"))
@@ -239,7 +252,10 @@ def run_register(params: Params, models_dir: Path | str | None = None, reports_d
     }
     mv = mlflow.register_model(model_info.model_uri, name, tags={k: fmt(v) for k, v in tags.items()})
     version = str(mv.version)
-    client.set_registered_model_alias(name, CANDIDATE, version)
+    with gate_lock(client, name):
+        # The newest version, not necessarily ours: of two registrations finishing at once, the one that
+        # wrote last would otherwise leave `candidate` on the older version.
+        client.set_registered_model_alias(name, CANDIDATE, newest_version(client, name))
     append_decision(client, name, version, {"action": "register", "who": tags["registered_by"],
                                              "when": tags["registered_at"], "reason": "new registration"})
     gate = run_gate(params, version, metrics=metrics, ingest_dir=ingest_dir)

@@ -2,17 +2,23 @@
 
 Manual decisions (`promote`, `demote`) record who (`getpass.getuser()`), when (UTC) and why in
 tags and in a ``decisions`` log tag. The gate's rules are `pipeline.core.gate`; the register
-stage (`pipeline.stages.register`) applies them.
+stage (`pipeline.stages.register`) applies them. Whatever moves an alias holds the model's
+`gate_lock`, so that pipelines sharing one registry (a tracking server) take turns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import getpass
 import json
+import logging
 import math
+import os
 import shutil
+import socket
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -30,6 +36,8 @@ REQUIREMENTS = ("torch", "monai", "numpy", "scipy", "scikit-learn", "pandas", "p
                 "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "nibabel", "safetensors", "pydantic",
                 "pyyaml", "rich", "mlflow")
 MAX_TAG = 4000
+GATE_LOCK_SUFFIX = ".resdx-gate-lock"
+GATE_LOCK_STALE_S = 3600.0  # a gate takes minutes; a lock older than this was left by a killed process
 
 
 def now() -> str:
@@ -69,6 +77,66 @@ def alias_version(client, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def newest_version(client, name: str) -> str:
+    """The highest version number of registered model `name` (the most recent registration)."""
+    found = client.search_model_versions(f"name = '{name}'", max_results=1, order_by=["version_number DESC"])
+    return str(found[0].version)
+
+
+def _try_lock(client, lock: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    owner = f"{who()}@{socket.gethostname()} pid {os.getpid()} since {now()}"
+    try:
+        client.create_registered_model(lock, tags={"resdx.lock_owner": owner},
+                                       description="held while a ResDx gate or decision moves this model's aliases")
+        return True
+    except MlflowException as err:
+        if err.error_code in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+            return False
+        raise
+
+
+def _break_if_stale(client, lock: str, stale_s: float) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        held = client.get_registered_model(lock)
+    except MlflowException:
+        return  # released meanwhile
+    age_s = time.time() - held.creation_timestamp / 1000
+    if age_s > stale_s:
+        logging.getLogger("resdx").warning("breaking registry lock %s held for %.0f s (%s)", lock, age_s,
+                                           held.tags.get("resdx.lock_owner", "owner unknown"))
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
+@contextlib.contextmanager
+def gate_lock(client, name: str, stale_s: float = GATE_LOCK_STALE_S, poll_s: float = 0.2):
+    """Hold model `name`'s lock for the block: the registered model `<name>.resdx-gate-lock` exists while held.
+
+    Why: the gate reads the champion, scores it against the candidate, then moves the alias. Two pipelines
+    doing that at once on one registry both compare with the same champion, and the later alias write
+    replaces a champion its version was never compared with (and `candidate` ends on whichever wrote last).
+    The registry has no compare-and-set for aliases, but creating a registered model is atomic (the name is
+    unique in the store, behind a tracking server too), so it serves as a lock across processes and machines.
+    A lock left by a killed process is broken once older than `stale_s`.
+    """
+    lock = name + GATE_LOCK_SUFFIX
+    while not _try_lock(client, lock):
+        _break_if_stale(client, lock, stale_s)
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        from mlflow.exceptions import MlflowException
+
+        with contextlib.suppress(MlflowException):  # broken as stale by another process meanwhile
+            client.delete_registered_model(lock)
 
 
 def requirements() -> list[str]:
@@ -178,16 +246,17 @@ def promote(params: Params, version: str | int, reason: str) -> dict:
     name, version = params.register.model_name, str(version)
     client = client_for(params)
     _require_version(client, name, version)
-    before = alias_version(client, name, CHAMPION)
-    user, when = who(), now()
-    client.set_registered_model_alias(name, CHAMPION, version)
-    for k, v in {"promoted_by": user, "promoted_at": when, "promotion_reason": reason}.items():
-        client.set_model_version_tag(name, version, k, v)
-    if before and before != version:
-        client.set_model_version_tag(name, before, "replaced_by", version)
-        client.set_model_version_tag(name, before, "replaced_at", when)
-    append_decision(client, name, version, {"action": "promote", "who": user, "when": when, "reason": reason,
-                                             "champion_before": before})
+    with gate_lock(client, name):  # `before` stays the champion until ours replaces it
+        before = alias_version(client, name, CHAMPION)
+        user, when = who(), now()
+        client.set_registered_model_alias(name, CHAMPION, version)
+        for k, v in {"promoted_by": user, "promoted_at": when, "promotion_reason": reason}.items():
+            client.set_model_version_tag(name, version, k, v)
+        if before and before != version:
+            client.set_model_version_tag(name, before, "replaced_by", version)
+            client.set_model_version_tag(name, before, "replaced_at", when)
+        append_decision(client, name, version, {"action": "promote", "who": user, "when": when, "reason": reason,
+                                                 "champion_before": before})
     return {"model_name": name, "version": version, "champion_before": before, "champion": version, "who": user,
             "when": when, "reason": reason}
 
@@ -198,9 +267,10 @@ def demote(params: Params, version: str | int, reason: str) -> dict:
     name, version = params.register.model_name, str(version)
     client = client_for(params)
     _require_version(client, name, version)
-    was_champion = alias_version(client, name, CHAMPION) == version
-    if was_champion:
-        client.delete_registered_model_alias(name, CHAMPION)
+    with gate_lock(client, name):  # a gate applying meanwhile would otherwise see a champion that is going
+        was_champion = alias_version(client, name, CHAMPION) == version
+        if was_champion:
+            client.delete_registered_model_alias(name, CHAMPION)
     user, when = who(), now()
     for k, v in {"demoted_by": user, "demoted_at": when, "demotion_reason": reason}.items():
         client.set_model_version_tag(name, version, k, v)
@@ -210,4 +280,5 @@ def demote(params: Params, version: str | int, reason: str) -> dict:
             "champion": alias_version(client, name, CHAMPION), "who": user, "when": when, "reason": reason}
 
 
-__all__ = ["CANDIDATE", "CHAMPION", "client_for", "alias_version", "log_pyfunc", "promote", "demote"]
+__all__ = ["CANDIDATE", "CHAMPION", "client_for", "alias_version", "gate_lock", "newest_version", "log_pyfunc",
+           "promote", "demote"]
