@@ -150,6 +150,24 @@ def test_register_gate_and_predict_by_alias_through_the_server(server, trained, 
     assert record["probabilities"]["lesion"] == pytest.approx(evaluated[ct.case_id], abs=1e-4)
 
 
+def test_the_explain_stage_logs_to_the_training_run_on_the_server(server, trained, demo_cohort):
+    """The stage after evaluate, on the server: its report and sanity summary reach the training run's artifacts
+    (proxied), and nothing lands in the working folder."""
+    from pipeline.stages.explain import run_explain
+
+    tmp = trained["tmp"]
+    rows = list(csv.DictReader((tmp / "reports" / "predictions.csv").open()))
+    case = next(r["case_id"] for r in rows)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp / "cwd")
+        run_explain(params(trained["raw"], explain={"out_dir": str(tmp / "explain-run"), "shifts": 1},
+                           data={"manifest": str(demo_cohort)}), case_ids=[case])
+    run_id = json.loads((tmp / "models" / "model.json").read_text())["mlflow_run_id"]
+    logged = {a.path for a in _client(server).list_artifacts(run_id, "explain")}
+    assert {"explain/report.html", "explain/sanity.json"} <= logged
+    assert _files_under(tmp / "cwd") == [], "MLflow wrote into the client's working folder"
+
+
 # ----------------------------------------------------------------------------- concurrent registration
 def _variant(models_dir: Path, out: Path, scale: float, run_id: str) -> str:
     """A copy of the checkpoint with the classifier head scaled (0: constant output, -1: reversed ranking),
