@@ -65,10 +65,16 @@ from pipeline.core.models import ModelSpec, build_model
 from pipeline.io.tensors import load_split, to_device_if_fits
 
 SEED = 42
-CONFIGS = {  # name: (network spatial dims, input shape per case)
-    "3d": (3, (64, 64, 64)),
-    "2d": (2, (224, 224)),
+CONFIGS = {  # name: (network spatial dims, input shape per case, network options); run by default: DEFAULT
+    "3d": (3, (64, 64, 64), {"name": "resnet18"}),
+    "2d": (2, (224, 224), {"name": "resnet18"}),
+    # The network the plan picks for the shipped 48^3 demo (README "Network plan"), and two cheaper variants
+    # of it: where its training time goes (issue 16: padding, dilation, pooling).
+    "demo": (3, (48, 48, 48), {"name": "resnet10", "pool": "lse", "output_stride": 8, "padding": "replicate"}),
+    "demo_zeros": (3, (48, 48, 48), {"name": "resnet10", "pool": "lse", "output_stride": 8, "padding": "zeros"}),
+    "demo_classic": (3, (48, 48, 48), {"name": "resnet10"}),
 }
+DEFAULT = ("3d", "2d")
 PATHS = {"a": "(a) ceiling: model on device tensors", "b": "(b) ResDx: RAM tensors + Augmenter",
          "c": "(c) MONAI tutorial: NIfTI + Dataset + DataLoader"}
 SHORT = {"a": "(a) ceiling", "b": "(b) ResDx", "c": "(c) MONAI tutorial"}
@@ -343,9 +349,9 @@ def device_name(device: torch.device) -> str:
 
 
 def run_config(name: str, batch: int, args, device: torch.device, amp: bool, work: Path) -> list[PathResult]:
-    spatial_dims, shape = CONFIGS[name]
-    spec = ModelSpec(name="resnet18", spatial_dims=spatial_dims, in_channels=1, n_classes=2,
-                     input_ndim=spatial_dims, conv1_t_stride=2)
+    spatial_dims, shape, network = CONFIGS[name]
+    spec = ModelSpec(spatial_dims=spatial_dims, in_channels=1, n_classes=2, input_ndim=spatial_dims, conv1_t_stride=2,
+                     **network)
     vols = synthetic_volumes(args.cases, shape, SEED)
     labels = (np.arange(args.cases) % 2).astype(np.int64)
     ingest_dir, nifti_dir = work / name / "ingested", work / name / "nifti"
@@ -353,7 +359,7 @@ def run_config(name: str, batch: int, args, device: torch.device, amp: bool, wor
     write_ingested(ingest_dir, vols, labels)
     files = write_nifti(nifti_dir, vols)
     del vols
-    print(f"\n## {name}: resnet18 {spatial_dims}D, input {'x'.join(map(str, shape))}, batch {batch}, "
+    print(f"\n## {name}: {network} {spatial_dims}D, input {'x'.join(map(str, shape))}, batch {batch}, "
           f"{args.cases} cases ({args.cases // batch} steps/epoch)", flush=True)
 
     # Prime: one-time costs (oneDNN primitive creation, allocator growth, cuDNN autotuning of every layer
@@ -440,10 +446,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cases", type=int, default=32, help="synthetic cases per configuration (default: 32)")
     p.add_argument("--steps", type=int, help="timed steps per path (default: 20 on CPU, 50 on CUDA)")
     p.add_argument("--warmup", type=int, help="untimed steps per path before timing (default: 3 on CPU, 10 on CUDA)")
-    p.add_argument("--only", choices=sorted(CONFIGS), help="run one configuration")
+    p.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help=f"configurations to run (default: {DEFAULT})")
     p.add_argument("--paths", default="abc", help="which paths to run, e.g. 'ab' (default: abc)")
     p.add_argument("--batch-3d", type=int, default=4, help="3D batch size (default: 4)")
     p.add_argument("--batch-2d", type=int, default=16, help="2D batch size (default: 16)")
+    for demo in ("demo", "demo_zeros", "demo_classic"):
+        p.add_argument(f"--batch-{demo.replace('_', '-')}", type=int, default=8, help=f"{demo} batch size (default: 8, "
+                       "the plan's for the demo)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of path (c) (default: 2)")
     p.add_argument("--persistent-workers", action="store_true",
                    help="(c): keep workers across epochs (tutorials do not)")
@@ -464,7 +473,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k in ("cases", "steps", "batch_3d", "batch_2d"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
-    for name in [args.only] if args.only else list(CONFIGS):
+    for name in args.only or DEFAULT:
         b = getattr(args, f"batch_{name}")
         if b < 2 or args.cases < b:
             p.error(f"{name}: need 2 <= batch ({b}) <= --cases ({args.cases}) (BatchNorm; drop_last)")
@@ -507,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[PathResult] = []
     t_start = time.perf_counter()
     try:
-        for name in [args.only] if args.only else list(CONFIGS):
+        for name in args.only or DEFAULT:
             results += run_config(name, getattr(args, f"batch_{name}"), args, device, amp, work)
     finally:
         if own_tmp:
