@@ -204,8 +204,8 @@ class PredictJob:
     dicom_out: Path | None
     explain: ExplainConfig
     pacs: PacsConfig
-    model_uri: str
     model_fields: dict
+    identity: object  # io.dicom_results.ModelIdentity: who made the DICOM results, computed once
 
 
 def predict_path(impl, job: PredictJob, i: int, path: Path | str) -> dict:
@@ -255,9 +255,8 @@ def predict_path(impl, job: PredictJob, i: int, path: Path | str) -> dict:
                                     "reason": "DICOM results need a DICOM source series (this is NIfTI)"}
         else:
             try:
-                identity = model_identity(job.model_uri, job.model_fields["name"], job.model_fields["version"])
                 rec["dicom_results"] = _dicom_results(
-                    impl, rec, local, native, explained, identity, pacs if remote else None,
+                    impl, rec, local, native, explained, job.identity, pacs if remote else None,
                     None if remote else Path(job.dicom_out or out.with_name(out.name + "-dicom")) / sid)
             except Exception as err:  # noqa: BLE001 - a failed write must not lose the prediction
                 rec["dicom_results"] = _reject({"stored_to": None}, err, "writing the DICOM results")
@@ -310,7 +309,8 @@ def run_predict(model_uri: str, paths: list[Path | str], out_dir: Path | str, mo
     name, version = resolve_model_version(model_uri)
     model_fields = {"uri": model_uri, "name": name, "version": version}
     job = PredictJob(out, modality, saliency, dicom_results, Path(dicom_out) if dicom_out else None,
-                     explain or ExplainConfig(), pacs or PacsConfig(), model_uri, model_fields)
+                     explain or ExplainConfig(), pacs or PacsConfig(), model_fields,
+                     model_identity(model_uri, name, version))
     items = [(job, i, p) for i, p in enumerate(paths)]
     records: list[dict] = []
     workers = 1
