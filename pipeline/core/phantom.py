@@ -302,14 +302,15 @@ def _smooth_field(u: np.ndarray, linear: np.ndarray, quadratic: np.ndarray, offs
 
 
 def ct_hu_volume(ph: Phantom, geo: CTGeometry, rng: np.random.Generator, lesion_hu: float,
-                 noise_hu: float, drift_hu: float = 0.0, second_hu: float = 0.0) -> np.ndarray:
+                 noise_hu: float, drift_hu: float = 0.0, second_hu: float = 0.0,
+                 pts: np.ndarray | None = None) -> np.ndarray:
     """HU on the CT grid (i, j, k): tissue HU + lesion contrast, partial volume by smoothing, noise.
 
     `lesion_hu` < 0 makes a hypodense lesion; `second_hu` is the second lesion's (if the phantom has one).
     `drift_hu` > 0 adds a smooth low-frequency HU drift of at most +-drift_hu (cupping-like); its
-    coefficients are drawn only then, after the noise.
+    coefficients are drawn only then, after the noise. `pts`: the grid's `grid_points`, if already computed.
     """
-    pts = grid_points(geo.affine, geo.shape)
+    pts = grid_points(geo.affine, geo.shape) if pts is None else pts
     hu = TISSUE_HU[phantom_labels(ph, pts)] + lesion_hu * lesion_weight(ph, pts)
     if ph.second_centre is not None:
         hu = hu + second_hu * second_weight(ph, pts)
@@ -329,14 +330,15 @@ def _gain(s: np.ndarray, gain: float, weight: np.ndarray) -> np.ndarray:
 
 def mr_volume(ph: Phantom, geo: MRGeometry, rng: np.random.Generator, lesion_gain: float,
               noise: tuple[float, float] = (0.015, 0.05), bias_field: float = 0.3,
-              second_gain: float = 0.0) -> np.ndarray:
+              second_gain: float = 0.0, pts: np.ndarray | None = None) -> np.ndarray:
     """T1-like signal on the MR grid with a smooth bias field and Rician noise (relative units).
 
     The lesion multiplies the signal by 1 + gain (hyperintense); a negative gain divides it by
     1 + |gain| (hypointense), so +g and -g are the same contrast on a log scale. `bias_field` is the
     largest deviation of the multiplicative bias field from 1; the noise sigma is drawn from `noise`.
+    `pts`: the grid's `grid_points`, if already computed.
     """
-    pts = grid_points(geo.affine, geo.shape)
+    pts = grid_points(geo.affine, geo.shape) if pts is None else pts
     tissue = TISSUE_T1 * rng.uniform(0.9, 1.1, TISSUE_T1.size)
     s = tissue[phantom_labels(ph, pts)]
     s = _gain(s, lesion_gain, lesion_weight(ph, pts))
