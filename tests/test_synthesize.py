@@ -221,6 +221,27 @@ def test_rle_series_decode_to_the_same_hu_as_uncompressed(tmp_path):
     assert compared >= 2
 
 
+def test_rle_plugins_agree_byte_for_byte_on_the_cohorts_slices(tmp_path):
+    """synthesize encodes with pylibjpeg-rle for speed; the cohort's bytes stay those pydicom's own encoder
+    gives (the cohort was pinned to it), on every kind of stored value the generator writes."""
+    from pydicom.pixels.encoders import RLELosslessEncoder
+
+    cfg = _cfg(tmp_path, n_patients=3, ct_fraction=1.0, compressed_fraction=1.0)
+    synthesize(cfg, seed=11)
+    checked = 0
+    for case in _truth(cfg):
+        for ds in _read_series(Path(cfg.out_dir) / case["image"])[::7]:
+            kw = {"rows": ds.Rows, "columns": ds.Columns, "samples_per_pixel": 1, "bits_allocated": 16,
+                  "bits_stored": ds.BitsStored, "pixel_representation": ds.PixelRepresentation,
+                  "photometric_interpretation": "MONOCHROME2", "number_of_frames": 1}
+            arr = ds.pixel_array
+            ours = RLELosslessEncoder.encode(arr, encoding_plugin="pylibjpeg", **kw)
+            assert ours == RLELosslessEncoder.encode(arr, encoding_plugin="pydicom", **kw)
+            assert next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)) == ours  # in the file
+            checked += 1
+    assert checked >= 10
+
+
 def test_ct_geometry_matches_mask_and_lesion(cohort):
     cfg, _, cases = cohort
     for case in (c for c in cases if c["modality"] == "CT"):
