@@ -112,16 +112,21 @@ def test_a_huge_voxel_spacing_is_refused_before_resampling(spacing):
 @given(shape=st.tuples(st.integers(2, 12), st.integers(2, 12), st.integers(2, 12)),
        new=st.tuples(st.integers(1, 15), st.integers(1, 15), st.integers(1, 15)), order=st.sampled_from([0, 1, 3]))
 def test_bounded_zoom_equals_scipy_zoom(shape, new, order):
+    """One axis at a time (cubic) gives scipy's 3D zoom up to float rounding; orders 0 and 1 are scipy's own."""
     from scipy import ndimage
 
     data = np.random.default_rng(sum(shape)).normal(0, 100, shape).astype(np.float32)
     want = ndimage.zoom(data, np.array(new) / np.array(shape), order=order, mode="nearest", grid_mode=True)
     assert want.shape == new
-    np.testing.assert_array_equal(zoom(data, new, order), want)  # small: the float64 prefilter, bit for bit
+    got = zoom(data, new, order)
+    if order < 3:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(np.abs(data).max()))
 
 
 def test_bounded_zoom_of_a_large_volume_stays_close_to_scipy(monkeypatch):
-    """Above EXACT_PREFILTER_BYTES the prefilter runs in float32 in place: within 1e-5 of scipy."""
+    """Above EXACT_PREFILTER_BYTES each pass's prefilter runs in float32: within 1e-5 of scipy."""
     from scipy import ndimage
 
     from pipeline.core import preprocess

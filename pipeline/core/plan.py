@@ -94,6 +94,22 @@ class NetworkPlan(_Part):
     fingerprint: dict = {}
 
 
+class PlanGeometry(_Part):
+    """The decisions that place a tensor's voxels (the grid resampling writes), a part of the plan. Fixed before
+    any case is read when ingest.spacing is configured: ingest then resamples in its first pass
+    (`fixed_geometry`)."""
+
+    shape: list[int]
+    target_spacing: list[float]
+    fit: Literal["crop_pad", "resize"] = "crop_pad"
+    anisotropy_threshold: float = 3.0
+    reader: ReaderSettings = ReaderSettings()
+
+    def hash(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json", exclude={"reader": {"max_case_bytes"}}), sort_keys=True)
+        return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
 class Plan(BaseModel):
     """The typed plan.json. `decisions()` are what shape tensors; the rest is provenance."""
 
@@ -147,6 +163,13 @@ class Plan(BaseModel):
         # A resource ceiling refuses cases; it never changes a tensor, so it stays out of the hash.
         return self.model_dump(mode="json", include=set(keep), exclude={"reader": {"max_case_bytes"}})
 
+    def geometry(self) -> PlanGeometry | None:
+        """The resampling part of the plan (None for array sources, which are not resampled)."""
+        if self.target_spacing is None:
+            return None
+        return PlanGeometry(shape=self.shape, target_spacing=self.target_spacing, fit=self.fit,
+                            anisotropy_threshold=self.anisotropy_threshold, reader=self.reader)
+
     def hash(self) -> str:
         """Hash of the decisions that shape tensors (not of counts or provenance)."""
         blob = json.dumps(self.decisions(), sort_keys=True).encode()
@@ -185,6 +208,16 @@ def reader_settings(params: Params) -> ReaderSettings:
     cfg = params.ingest
     return ReaderSettings(take_volume=cfg.take_volume, min_slices=cfg.min_slices,
                           ct_foreground_hu=cfg.ct.foreground_hu, max_case_bytes=cfg.max_case_bytes)
+
+
+def fixed_geometry(params: Params) -> PlanGeometry | None:
+    """The tensor grid `fit_plan` will choose, when it does not depend on the training cases (ingest.spacing
+    configured); None when the spacing is fitted from the fingerprint."""
+    cfg = params.ingest
+    if not cfg.spacing:
+        return None
+    return PlanGeometry(shape=list(cfg.shape), target_spacing=list(cfg.spacing), fit=cfg.fit,
+                        anisotropy_threshold=cfg.anisotropy_threshold, reader=reader_settings(params))
 
 
 def _spacing(prep: dict) -> np.ndarray:
@@ -274,5 +307,5 @@ def fit_ct(samples: list[np.ndarray], params: Params) -> CTNormalization:
                            n_cases=len(samples), n_voxels_sampled=int(pooled.size) if samples else 0)
 
 
-__all__ = ["NetworkPlan", "Plan", "PLAN_VERSION", "ReaderSettings", "fit_plan", "load_plan", "parse_plan",
-           "reader_settings"]
+__all__ = ["NetworkPlan", "Plan", "PlanGeometry", "PLAN_VERSION", "ReaderSettings", "fit_plan", "fixed_geometry",
+           "load_plan", "parse_plan", "reader_settings"]

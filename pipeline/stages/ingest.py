@@ -2,10 +2,12 @@
 
 Two passes, as nnU-Net does:
 1. *prepare* (parallel, cached by source content): read each case (DICOM or NIfTI),
-   check it, reorient it to RAS and keep a voxel sample for the dataset fingerprint;
+   check it, reorient it to RAS and keep a voxel sample for the dataset fingerprint; when the
+   tensor grid does not depend on the fingerprint (ingest.spacing set: `fixed_geometry`), resample
+   it here too, so the case's voxels are read once and only the small resampled volume is cached;
 2. *plan*: fit every preprocessing decision once, on training cases only, into plan.json;
 3. *finalize* (parallel, skipped when the tensor for the same source and plan exists):
-   resample, normalize, crop/pad, write one .npy (no pickle, memory-mappable) per case.
+   resample (unless done in 1), normalize, crop/pad, write one .npy (no pickle, memory-mappable) per case.
 Every manifest row ends `ok` or `rejected` with a reason; no PHI reaches any output.
 A ``dicomweb:`` row is retrieved from `pacs.url` into its own cache first (inside the case's worker,
 so its time limit covers the transfer); a server that fails rejects that case only.
@@ -25,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import IngestConfig, Params
-from pipeline.core.plan import ReaderSettings, fit_plan, reader_settings
-from pipeline.core.preprocess import PREPROCESS_VERSION, canonicalize, finish_case
+from pipeline.core.plan import PlanGeometry, ReaderSettings, fit_plan, fixed_geometry, reader_settings
+from pipeline.core.preprocess import PREPROCESS_VERSION, canonicalize, finish_case, plan_resample
 from pipeline.errors import IngestFailed, RejectedCase, unexpected_reason
 from pipeline.io.artifacts import load_npy, save_json, save_npy, source_hash
 from pipeline.io.folder_lock import folder_lock, remove_temp_files
@@ -71,13 +73,48 @@ def foreground_sample(data: np.ndarray, above: float, rng: np.random.Generator, 
     return out
 
 
+def grid_key(canon_key: str, geometry: PlanGeometry) -> str:
+    """Cache key of a case resampled onto `geometry` (its canonical volume's key, the grid, the code)."""
+    return hashlib.blake2b(f"{canon_key}:{geometry.hash()}:{PREPROCESS_VERSION}".encode(), digest_size=16).hexdigest()
+
+
+def _cached(cache: Path, key: str) -> dict | None:
+    """The cached result of `key`: a rejection, or an ok case whose array is still there; else None."""
+    meta_path = cache / f"{key}.json"
+    if not meta_path.exists():
+        return None
+    cached = json.loads(meta_path.read_text())
+    if cached["status"] == "ok" and not (cache / f"{key}.npy").exists():
+        return None
+    return cached
+
+
+def _resample(canon: dict, data: np.ndarray, affine: np.ndarray, cache: Path, key: str,
+              geometry: PlanGeometry) -> dict:
+    """The first pass's resampling onto a grid fixed in advance: cached under `key`, finalize normalizes it."""
+    try:
+        resampled, grid_affine, resampling = plan_resample(data, affine, geometry)
+    except RejectedCase as err:
+        out = {k: canon[k] for k in ("case_id", "source_hash") if k in canon} | {
+            "status": "rejected", "reason_code": err.code, "reason": err.reason, "key": key}
+        save_json(cache / f"{key}.json", out)
+        return out
+    save_npy(cache / f"{key}.npy", resampled)
+    out = dict(canon, key=key, sample_key=canon.get("sample_key", canon["key"]),
+               grid={"affine": grid_affine.tolist(), "resampling": resampling, "geometry": geometry.hash()})
+    save_json(cache / f"{key}.json", out)
+    return out
+
+
 def _prepare(task: dict) -> dict:
-    """Worker: read + canonicalise one case, caching the result by content and reader settings."""
+    """Worker: read + canonicalise one case (and resample it when the grid is fixed in advance), caching the
+    result by content and reader settings (and grid)."""
     from pipeline.io.reader import read_case
 
     row: CaseRow = task["row"]
     reader: ReaderSettings = task["reader"]
     cache: Path = task["cache"]
+    geometry: PlanGeometry | None = task.get("geometry")
     result = {"case_id": row.case_id, "status": "rejected", "reason_code": "", "reason": ""}
     try:
         if row.problem:
@@ -95,40 +132,42 @@ def _prepare(task: dict) -> dict:
         except OSError as err:
             why = err.strerror or type(err).__name__
             raise RejectedCase("unreadable_path", f"cannot read the input ({why})") from None
-        key = hashlib.blake2b(
-            json.dumps([digest, READER_VERSION, row.modality, row.series_uid, reader.take_volume, reader.min_slices,
-                        reader.ct_foreground_hu, reader.max_case_bytes]).encode(), digest_size=16).hexdigest()
+        canon_key = hashlib.blake2b(json.dumps([digest, READER_VERSION, row.modality, row.series_uid,
+                                                reader.take_volume, reader.min_slices, reader.ct_foreground_hu,
+                                                reader.max_case_bytes]).encode(), digest_size=16).hexdigest()
         result["source_hash"] = digest
-        meta_path = cache / f"{key}.json"
-        if meta_path.exists():
-            cached = json.loads(meta_path.read_text())
-            if cached["status"] == "ok" and not (cache / f"{key}.npy").exists():
-                cached = None
-            if cached:
-                cached.update(case_id=row.case_id, cached=True)
-                return cached
+        key = canon_key if geometry is None else grid_key(canon_key, geometry)
+        cached = _cached(cache, key)
+        if cached is None and geometry is not None and (canon := _cached(cache, canon_key)) is not None:
+            # Read before, for another grid: resample the cached canonical volume, not the source.
+            cached = canon if canon["status"] != "ok" else _resample(
+                canon, load_npy(cache / f"{canon_key}.npy", mmap=True), np.array(canon["canonical_affine"]), cache,
+                key, geometry)
+        if cached:
+            cached.update(case_id=row.case_id, cached=True)
+            return cached
         try:
             volume = read_case(row.path, row.modality, reader, row.series_uid)
             data, affine = canonicalize(volume, row.modality, reader.max_case_bytes)
         except RejectedCase as err:
-            out = dict(result, reason_code=err.code, reason=err.reason, key=key)
-            save_json(meta_path, out)
+            out = dict(result, reason_code=err.code, reason=err.reason, key=canon_key)
+            save_json(cache / f"{canon_key}.json", out)
             return out
         rng = np.random.default_rng(int(digest[:8], 16))
         sample = foreground_sample(data, reader.ct_foreground_hu if row.modality == "CT" else -np.inf, rng)
         # Integer-valued volumes (CT with an integral rescale) are cached as int16: half the disk and
         # half the memory when finalize maps them; the values are exactly the same.
-        save_npy(cache / f"{key}.npy", data.astype(np.int16) if fits_int16(data) else data)
-        save_npy(cache / f"{key}.sample.npy", sample.astype(np.float32))
+        save_npy(cache / f"{canon_key}.npy", data.astype(np.int16) if fits_int16(data) else data)
+        save_npy(cache / f"{canon_key}.sample.npy", sample.astype(np.float32))
         out = dict(
-            result, status="ok", key=key,
+            result, status="ok", key=canon_key, sample_key=canon_key,
             native_shape=list(volume.data.shape[:3]), native_spacing=[round(s, 4) for s in volume.spacing],
             native_affine=volume.affine.tolist(), canonical_affine=affine.tolist(), canonical_shape=list(data.shape),
             source_format=volume.meta.get("source_format", ""), manufacturer=volume.meta.get("manufacturer", ""),
             notes=volume.meta.get("notes", []),
         )
-        save_json(meta_path, out)
-        return out
+        save_json(cache / f"{canon_key}.json", out)
+        return out if geometry is None else _resample(out, data, affine, cache, key, geometry)
     except RejectedCase as err:
         return dict(result, reason_code=err.code, reason=err.reason)
     except MemoryError:
@@ -158,8 +197,16 @@ def _finalize(task: dict) -> dict:
             return {"case_id": case_id, "status": "ok", "reused": True, "tensor_shape": shape}
         # Memory-mapped: the resampling reads it once, so it is never a second anonymous copy.
         data = load_npy(cache / f"{prep['key']}.npy", mmap=True)
-        case = finish_case(data, np.array(prep["canonical_affine"]), prep["modality"], plan, prep["native_shape"],
-                           np.array(prep["native_affine"]))
+        grid = prep.get("grid")
+        if grid is None:
+            case = finish_case(data, np.array(prep["canonical_affine"]), prep["modality"], plan, prep["native_shape"],
+                               np.array(prep["native_affine"]))
+        else:  # resampled in the first pass, onto the grid this plan has (checked: the same geometry)
+            geometry = plan.geometry()
+            if geometry is None or geometry.hash() != grid["geometry"]:
+                raise RuntimeError("the first pass resampled onto another grid than the plan's")
+            case = finish_case(data, np.array(grid["affine"]), prep["modality"], plan, prep["native_shape"],
+                               np.array(prep["native_affine"]), resampling=grid["resampling"])
         sidecar = {
             "case_id": case_id, "key": key, "plan_hash": phash, "modality": prep["modality"],
             "native_shape": prep["native_shape"], "native_affine": prep["native_affine"],
@@ -275,18 +322,21 @@ def _run(params: Params, rows: list[CaseRow], out: Path, cache: Path, progress: 
     cfg = params.ingest
     remove_temp_files(cache, out, IngestDir(out).tensors, IngestDir(out).masks)
     reader = reader_settings(params)
-    tasks = [{"row": r, "reader": reader, "cache": cache, "pacs": params.pacs, "time_limit_s": cfg.case_timeout_s}
-             for r in rows]
+    geometry = fixed_geometry(params)
+    tasks = [{"row": r, "reader": reader, "cache": cache, "pacs": params.pacs, "time_limit_s": cfg.case_timeout_s,
+              "geometry": geometry} for r in rows]
     prepared = _map(cfg, _prepare, tasks, "reading", progress)
     for n, (p, r) in enumerate(zip(prepared, rows)):
         # Rows are tracked by position: a duplicated case_id must not overwrite its first row.
         p.update(row=n, modality=r.modality, split=r.split, label=r.label)
 
     ok = [p for p in prepared if p["status"] == "ok"]
-    samples = [np.load(cache / f"{p['key']}.sample.npy", allow_pickle=False)
-               for p in ok if p["split"] == "train" and p["modality"] == "CT"]
+    def sample(p: dict) -> np.ndarray:
+        return np.load(cache / f"{p.get('sample_key', p['key'])}.sample.npy", allow_pickle=False)
+
+    samples = [sample(p) for p in ok if p["split"] == "train" and p["modality"] == "CT"]
     if not samples and not any(p["split"] == "train" for p in ok):  # no training cases: fit on all, as the plan does
-        samples = [np.load(cache / f"{p['key']}.sample.npy", allow_pickle=False) for p in ok if p["modality"] == "CT"]
+        samples = [sample(p) for p in ok if p["modality"] == "CT"]
     plan = fit_plan(ok, samples, params)
     phash = plan.hash()
     masks = {n: r.mask_path for n, r in enumerate(rows)}
