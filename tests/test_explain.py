@@ -90,6 +90,68 @@ def test_shifted_runs_interleave_into_the_finer_networks_map():
     assert np.abs(coarse - reference).max() > 0.05  # the shifts add information
 
 
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+@pytest.mark.parametrize("pool", ["avg", "lse"])
+def test_cells_equal_monais_grad_cam(method, pool):
+    """`_layer_cells` stops the backward at the layer; its cells are MONAI's `compute_map` (Grad-CAM++
+    without MONAI's exp(score) factor), for every case of a batch at once."""
+    import math
+
+    from monai.visualize import GradCAM, GradCAMpp
+
+    from pipeline.core.models import ModelSpec, build_model
+    from pipeline.core.saliency import _Centered, _layer_cells
+
+    torch.manual_seed(0)
+    net = build_model(ModelSpec("resnet10", 3, 1, 2, 3, pool=pool, output_stride=8, padding="replicate",
+                                width=8)).eval()
+    x = torch.randn(3, 1, 24, 24, 24)
+    nonzero = 0
+    for cls in (0, 1):  # a random network's map of one class may be all zero (ReLU): both are compared
+        ours = _layer_cells(net, "layer4", x, cls, method)
+        for i in range(len(x)):
+            cam = (GradCAMpp if method == "gradcampp" else GradCAM)(nn_module=_Centered(net).eval(),
+                                                                     target_layers="net.layer4")
+            ref = cam.compute_map(x[i:i + 1], class_idx=cls)[0, 0].detach().double().numpy()
+            if method == "gradcampp":
+                ref = ref / math.exp(float(cam.nn_module.score.detach().reshape(-1)[0]))
+            np.testing.assert_allclose(ours[i], ref, rtol=1e-4, atol=1e-5 * max(np.abs(ref).max(), 1e-12))
+            nonzero += bool(np.abs(ref).max() > 0)
+    assert nonzero >= 3
+
+
+class _SidewaysDetector(nn.Module):
+    """Class 1 = bright voxels, but each cell reports the voxel one step along axis 0 from itself: a network
+    that learned to light up the cell beside a finding."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer4 = nn.Sequential(nn.Conv3d(1, 1, 3, padding=1, padding_mode="replicate"), nn.ReLU())
+        with torch.no_grad():
+            self.layer4[0].weight.zero_()
+            self.layer4[0].weight[0, 0, 2, 1, 1] = 1.0  # out[p] = x[p + 1 along axis 0]
+            self.layer4[0].bias.fill_(-0.05)
+        self.fc = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(self.layer4(x).amax(dim=(2, 3, 4)))
+
+
+def test_the_reflected_view_centres_a_map_its_network_puts_beside_the_finding():
+    grid = np.stack(np.meshgrid(*[np.arange(20)] * 3, indexing="ij"))
+    centre = np.array([9, 11, 8])
+    blob = np.exp(-((grid - centre[:, None, None, None]) ** 2).sum(0) / (2 * 2.0**2))
+    x = torch.from_numpy(blob.astype(np.float32))[None, None]
+    plain = class_map(_SidewaysDetector(), x, 1)
+    both = class_map(_SidewaysDetector(), x, 1, reflect=True)
+    assert np.unravel_index(int(np.argmax(plain)), plain.shape) == (8, 11, 8)  # one voxel beside the blob
+    assert np.unravel_index(int(np.argmax(both)), both.shape) == (9, 11, 8)  # on it
+    assert both.min() >= 0 and both.max() == pytest.approx(1.0)
+
+
 def test_pointing_game_and_energy_share_against_the_random_baseline():
     from pipeline.core.sanity import localization as _localization
 

@@ -18,10 +18,10 @@ from pipeline.core.views import apply_view, spread, transforms, view_logits
 def test_the_plan_keeps_a_small_inputs_voxels_and_the_demo_network():
     small = plan_network([28, 28, 28], 1188, [942, 246], False, ModelConfig(), TrainConfig(), [76, 22])["choices"]
     assert small == {"name": "resnet10", "conv1_t_stride": 1, "conv1_t_size": 3, "pool": "avg", "output_stride": 32,
-                     "padding": "zeros", "batch_size": 16, "epochs": 8, "select": "last"}
+                     "padding": "zeros", "width": 64, "lr": 3e-4, "batch_size": 16, "epochs": 8, "select": "last"}
     demo = plan_network([48, 48, 48], 187, [95, 92], True, ModelConfig(), TrainConfig(), [32, 31])["choices"]
     assert demo == {"name": "resnet10", "conv1_t_stride": 2, "conv1_t_size": 7, "pool": "lse", "output_stride": 8,
-                    "padding": "replicate", "batch_size": 8, "epochs": 15, "select": "last"}
+                    "padding": "replicate", "width": 32, "lr": 1e-3, "batch_size": 8, "epochs": 15, "select": "last"}
 
 
 def test_every_planned_choice_can_be_overridden_and_says_why():
@@ -63,6 +63,21 @@ def test_views_are_the_identity_first_then_flips_and_shifts():
     assert torch.equal(apply_view(x, ((0, 2), None)), x.flip([2, 4]))
     shifted = apply_view(x, ((), (1, 2)))
     assert torch.equal(shifted[:, :, :, 2:], x[:, :, :, :3]) and torch.equal(shifted[:, :, :, 0], x[:, :, :, 0])
+
+
+def test_views_share_a_forward_pass_when_fewer_cases_than_the_batch_are_left():
+    """One case with its 8 flip views in one pass of 8 (explain, predict) gives each view's own logits: the
+    same as one view at a time and as the views of that case inside a batch of other cases."""
+    torch.manual_seed(0)
+    net = build_model(_spec(pool="lse", output_stride=8, padding="replicate", width=8)).eval()
+    x = torch.randn(3, 1, 16, 16, 16)
+    one_at_a_time = view_logits(net, x, torch.device("cpu"), 1, "flips")
+    grouped = view_logits(net, x[:1], torch.device("cpu"), 8, "flips")
+    assert grouped.shape == (8, 1, 1, 2)
+    torch.testing.assert_close(grouped[:, :, 0], one_at_a_time[:, :, 0], atol=1e-5, rtol=1e-5)
+    batched = view_logits(net, x, torch.device("cpu"), 3, "flips")
+    torch.testing.assert_close(batched, one_at_a_time, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(grouped[0], grouped[7])  # the views differ: each got its own input
 
 
 def _spec(**kw):

@@ -52,18 +52,25 @@ def members_of(model: nn.Module) -> list[nn.Module]:
 @torch.no_grad()
 def view_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int, tta: str = "none",
                 amp: bool = False) -> torch.Tensor:
-    """Logits of every view, (T, M, N, K) on the CPU: T test-time transforms x M members, input order."""
+    """Logits of every view, (T, M, N, K) on the CPU: T test-time transforms x M members, input order.
+
+    At most `batch_size` samples go through the network at once; when fewer cases than that are left
+    (one study in explain or predict), several of their views share the forward pass: the network is in
+    eval mode, so every sample's logits are its own, and one batch of 8 costs far less than 8 of one.
+    """
     model.eval()
     members = members_of(model)
     views = transforms(tta, images.ndim - 2)
     out = []
     for i in range(0, len(images), batch_size):
         xb = images[i:i + batch_size].to(device, non_blocking=True).float()
+        group = max(1, batch_size // len(xb))  # views per forward pass
         per_batch = []
-        for view in views:
-            xv = apply_view(xb, view)
+        for j in range(0, len(views), group):
+            xv = torch.cat([apply_view(xb, view) for view in views[j:j + group]])
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                per_batch.append(torch.stack([m(xv).float().cpu() for m in members]))
+                logits = torch.stack([m(xv).float().cpu() for m in members])  # (M, views x B, K)
+            per_batch += list(logits.unflatten(1, (-1, len(xb))).transpose(0, 1))  # per view: (M, B, K)
         out.append(torch.stack(per_batch))
     if not out:
         return torch.zeros((len(views), len(members), 0, 2))

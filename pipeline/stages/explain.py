@@ -57,14 +57,16 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
     ingest_dir = Path(params.ingest.out_dir)
     model, info = load_checkpoint(params.train.out_dir)
     rule = load_rule(params, info)
-    clf = Classifier(model, rule, batch_size=1)
+    clf = Classifier(model, rule, batch_size=cfg.batch_size)
     rand = randomized_copy(model, params.seed)
     names = list(rule.class_names)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     (out / "dicom").mkdir(parents=True, exist_ok=True)  # a DVC output even when no input is DICOM
     sources = _sources(params)
+    salt = os.urandom(16)  # de-identified DICOM UIDs: consistent within this run, unlinkable across runs
 
-    cases, loc, rand_stats, overlays = [], [], [], []
+    cases, loc, rand_stats = [], [], []
+    dicom_written = 0
     for split in cfg.splits:
         data = load_split(ingest_dir, split)
         for n, cid in enumerate(data.case_ids):
@@ -74,10 +76,10 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
                 break
             x = data.images[n]
             side = read_sidecar(ingest_dir, cid)
-            ex = explain_case(clf, x, cfg.class_index, cfg.method, cfg.target_layer, cfg.shifts)
+            ex = explain_case(clf, x, cfg.class_index, cfg.method, cfg.target_layer, cfg.shifts, cfg.reflect)
             centered = not rule.multi_label
             cam_rand = class_map(rand, x.unsqueeze(0).float(), ex.explained_class, cfg.method, cfg.target_layer,
-                                 cfg.shifts, centered)
+                                 cfg.shifts, centered, cfg.batch_size, cfg.reflect)
             rand_stats.append(S.spearman_ssim(ex.cam, cam_rand))
             label, label_name, decision, correct, annotated = _truth(rule, ex, data.labels[n], names)
             p_shown = float(ex.probs[ex.explained_class] if rule.multi_label else rule.score(ex.probs[None])[0])
@@ -86,7 +88,6 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
                 native = to_native(ex.cam, side["tensor_affine"], side["native_shape"], side["native_affine"])
                 rel = f"overlays/{cid}_saliency.nii.gz"
                 write_nifti(Volume(native, np.asarray(side["native_affine"]), {"integer_valued": False}), out / rel)
-                overlays.append((cid, native))
                 mask = read_native_mask(ingest_dir, cid) if annotated is not None else None
                 if mask is not None:
                     # The pointing game asks about the annotated class (Zhang et al. 2016), also
@@ -94,9 +95,13 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
                     own = native
                     if ex.explained_class != annotated:
                         own = to_native(class_map(model, x.unsqueeze(0).float(), annotated, cfg.method,
-                                                  cfg.target_layer, cfg.shifts, centered),
+                                                  cfg.target_layer, cfg.shifts, centered, cfg.batch_size,
+                                                  cfg.reflect),
                                         side["tensor_affine"], side["native_shape"], side["native_affine"])
                     loc.append(S.localization(own, mask))
+            volume = _native_volume(sources, cid, native)  # read once: for the viewer and the DICOM overlay
+            if cfg.write_dicom and native is not None and cid in sources:
+                dicom_written += _write_dicom_overlay(sources[cid][0], native, volume, out / "dicom" / cid, salt)
             cls = ex.explained_class
             title = f"{cid}: {names[cls] if cls < len(names) else cls} map, p={p_shown:.2f}"
             cases.append({
@@ -105,11 +110,11 @@ def run_explain(params: Params, case_ids: list[str] | None = None) -> dict:
                 "correct": correct, "uncertainty": ex.uncertainty,
                 "referred": ex.referred,
                 "images": [orthogonal_views(x[0].numpy(), ex.cam, title)], "overlay_path": rel,
-                "viewer": _viewer(params, sources, cid, x[0].numpy(), ex.cam, side, native),
+                "viewer": _viewer(params, volume, sources.get(cid), x[0].numpy(), ex.cam, side, native),
             })
     sanity = S.summarize(rand_stats, loc)
     if cfg.write_dicom:
-        sanity["dicom_series_written"] = _write_dicom_overlays(params, overlays, out / "dicom")
+        sanity["dicom_series_written"] = dicom_written
     save_json(ExplainDir(out).sanity, sanity)
     summary = _report_summary(params, info, sanity)
     summary.update(model_id=model_id(params.train.out_dir), class_names=names, multi_label=rule.multi_label)
@@ -139,24 +144,31 @@ def _sources(params: Params) -> dict:
     return {r.case_id: (r, reader) for r in rows if not r.problem}
 
 
-def _viewer(params: Params, sources: dict, cid: str, x: np.ndarray, cam: np.ndarray, side: dict,
-            native: np.ndarray | None) -> ViewerCase | None:
-    """The case's scan and map for the report's viewer: the source re-read on its native grid (the values a
-    radiologist knows, e.g. HU) with the native map, or else the model's input with the tensor-grid map."""
+def _native_volume(sources: dict, cid: str, native: np.ndarray | None) -> Volume | None:
+    """The case's source re-read on its native grid (the values a radiologist knows, e.g. HU), or None when it
+    is gone, unreadable, or not on the map's grid."""
     from pipeline.errors import ResDxError
     from pipeline.io.reader import read_case
 
+    if native is None or cid not in sources:
+        return None
+    row, reader = sources[cid]
+    try:
+        volume = read_case(row.path, row.modality, reader, row.series_uid)
+    except (ResDxError, OSError):  # a source gone or unreadable since ingest: the viewer shows the input
+        return None
+    return volume if volume.data.shape == native.shape else None
+
+
+def _viewer(params: Params, volume: Volume | None, source, x: np.ndarray, cam: np.ndarray, side: dict,
+            native: np.ndarray | None) -> ViewerCase | None:
+    """The case's scan and map for the report's viewer: the native volume with the native map, or else the
+    model's input with the tensor-grid map."""
     if cam.ndim != 3:
         return None
     limit = params.explain.viewer_max_voxels
-    if native is not None and cid in sources:
-        row, reader = sources[cid]
-        try:
-            volume = read_case(row.path, row.modality, reader, row.series_uid)
-        except (ResDxError, OSError):  # a source gone or unreadable since ingest: fall back to the input
-            volume = None
-        if volume is not None and volume.data.shape == native.shape:
-            return viewer_case(volume.data, native, volume.affine, row.modality, limit)
+    if volume is not None and native is not None:
+        return viewer_case(volume.data, native, volume.affine, source[0].modality, limit)
     affine = np.asarray(side.get("tensor_affine", np.eye(4)), dtype=np.float64)
     return viewer_case(x, cam, affine, "", limit, grid="model input")
 
@@ -192,21 +204,14 @@ def _truth(rule: DecisionRule, ex, y, names: list[str]) -> tuple:
             ";".join(map(str, np.asarray(ex.decisions).astype(int))), bool((ex.decisions == truth).all()), annotated)
 
 
-def _write_dicom_overlays(params: Params, overlays: list, folder: Path) -> int:
-    """Secondary Capture series for the DICOM inputs among the explained cases."""
+def _write_dicom_overlay(row, native: np.ndarray, volume: Volume | None, folder: Path, salt: bytes) -> int:
+    """The Secondary Capture series of a DICOM input (1 when written, 0 for other inputs or another grid)."""
     from pipeline.io.dicom_overlay import write_overlay_series
-    from pipeline.sources.manifest import read_manifest
 
-    if params.data.source != "manifest":
+    if not row.path.is_dir():
         return 0
-    rows = {r.case_id: r for r in read_manifest(params.data.manifest)}
-    salt = os.urandom(16)  # de-identified DICOM UIDs: consistent within this run, unlinkable across runs
-    written = 0
-    for cid, native in overlays:
-        row = rows.get(cid)
-        if row is not None and row.path.is_dir():
-            written += write_overlay_series(row.path, row.series_uid, native, folder / cid, row.patient_id, cid, salt)
-    return written
+    return int(write_overlay_series(row.path, row.series_uid, native, folder, row.patient_id, row.case_id, salt,
+                                    volume=volume))
 
 
 def _report_summary(params: Params, info: dict, sanity: dict) -> dict:
@@ -227,7 +232,8 @@ def _report_summary(params: Params, info: dict, sanity: dict) -> dict:
                   "run_id": info.get("mlflow_run_id", ""), "git_commit": git_commit(),
                   "best_val_auroc": info.get("best_val_auroc"),
                   "saliency_map": f"{params.explain.method} of {params.explain.target_layer}, "
-                                  f"{params.explain.shifts} shift(s) per axis"},
+                                  f"{params.explain.shifts} shift(s) per axis"
+                                  + (", mean with the reflected view" if params.explain.reflect else "")},
         "data": {"data_hash": info.get("data_hash", ""), "source": info.get("source", "")},
         "metrics": {k: metrics[k] for k in ("val", "test", "calibration") if k in metrics},
         "calibration_png": calib_png.read_bytes() if calib_png.exists() else None,

@@ -72,13 +72,15 @@ def load_registered(model_uri: str):
     return pyfunc, impl
 
 
-def explain_study(impl, prep, class_index: int | None, method: str, target_layer: str, shifts: int):
-    """The map of the class the calibrated decision chose (the explain stage's own call), on the native grid."""
+def explain_study(impl, prep, cfg):
+    """The map of the class the calibrated decision chose (the explain stage's own call, with the `explain`
+    settings `cfg`), on the native grid."""
     import torch
 
     from pipeline.core.saliency import explain_case, to_native
 
-    ex = explain_case(impl.classifier, torch.from_numpy(prep.tensor), class_index, method, target_layer, shifts)
+    ex = explain_case(impl.classifier, torch.from_numpy(prep.tensor), cfg.class_index, cfg.method, cfg.target_layer,
+                      cfg.shifts, cfg.reflect)
     native = ex.cam if ex.cam.ndim == 2 else to_native(ex.cam, prep.tensor_affine, prep.native_shape,
                                                         prep.native_affine)
     return ex, native
@@ -238,8 +240,7 @@ def predict_path(impl, job: PredictJob, i: int, path: Path | str) -> dict:
     if prep is not None and (job.saliency or (job.dicom_results and dicom_input)):
         t1 = time.perf_counter()
         try:
-            ex, native = explain_study(impl, prep, ex_cfg.class_index, ex_cfg.method, ex_cfg.target_layer,
-                                       ex_cfg.shifts)
+            ex, native = explain_study(impl, prep, ex_cfg)
             explained = impl.class_names[ex.explained_class]
             if job.saliency:
                 rec["saliency"] = _write_saliency(native, prep, out, sid)
@@ -289,7 +290,7 @@ def run_predict(model_uri: str, paths: list[Path | str], out_dir: Path | str, mo
     With `dicom_results`, a DICOM study also gets a TID 1500 SR, a Parametric Map and a burned-in SC:
     stored back into its study on the PACS for a dicomweb input, written to `dicom_out`/<study-id>/ for
     a local folder (those files are PACS-side: they carry the source's identity and UIDs; OUT does not).
-    The map uses `explain` (method, layer, shifts, class) — by default the params' defaults, the
+    The map uses `explain` (method, layer, shifts, reflection, class) — by default the params' defaults, the
     same as the explain stage's — and explains the class the calibrated decision chose.
     `engine="ray"`: the studies are spread over the Ray cluster at `ray_address` (None: a private one on
     this machine), one worker per CPU, each loading the model once; the records equal the local run's.
