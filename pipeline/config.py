@@ -158,7 +158,7 @@ class IngestConfig(_Strict):
 class ModelConfig(_Strict):
     """MONAI ResNet (2D/3D) or the plain, non-residual CNN baseline."""
 
-    # null (the default) for name, conv1_t_*, pool, output_stride and padding: the network plan
+    # null (the default) for name, conv1_t_*, pool, output_stride, padding and width: the network plan
     # (pipeline/core/recipe.py, README "Network plan") picks them from the data; a value overrides it.
     name: Literal["resnet10", "resnet18", "resnet34", "resnet50", "plain_cnn"] | None = None
     spatial_dims: Literal[2, 3] = 3
@@ -178,6 +178,8 @@ class ModelConfig(_Strict):
     # inputs: 2^3 cells at 32, 6^3 at 8 (a 2^3 map cannot point at anything smaller than an octant).
     output_stride: Literal[8, 16, 32] | None = None
     padding: Literal["zeros", "replicate"] | None = None
+    # ResNets: channels of the first residual stage, doubled per stage (64: MONAI's 64-128-256-512).
+    width: int | None = Field(None, ge=4)
     # Local MedicalNet-format weights (3D ResNets); never downloaded at run time.
     pretrained_path: Path | None = None
 
@@ -201,7 +203,7 @@ class TrainConfig(_Strict):
     epochs: int | None = Field(None, ge=1)  # null: the network plan's budget rule
     batch_size: int | None = Field(None, ge=1)  # null: the network plan's rule
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(3e-4, gt=0.0)
+    lr: float | None = Field(None, gt=0.0)  # null: the network plan's rule
     weight_decay: float = Field(1e-4, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     schedule: Literal["cosine", "onecycle", "none"] = "cosine"
@@ -249,12 +251,16 @@ class ExplainConfig(_Strict):
     # Shifted re-runs per axis whose cells are interleaved (pipeline/core/saliency.py): 2 halves the
     # map's cell size at 2^3 = 8x the work; 1 = the plain map.
     shifts: int = Field(2, ge=1, le=4)
+    # Also map the point-reflected copy (every axis flipped), flip it back and average: the side of a finding
+    # a network's cells light up on is a convention of its training, which the reflection reverses.
+    reflect: bool = True
     # Explain the class the calibrated decision chose (null), or always this class index.
     class_index: int | None = None
     splits: list[str] = ["test"]
     max_cases: int = Field(200, ge=1)
     write_dicom: bool = True
-    batch_size: int = Field(4, ge=1)
+    # Samples per forward pass: a case's test-time views and its shifted copies share a batch.
+    batch_size: int = Field(8, ge=1)
     # The report's per-case viewer embeds the native volume and map; above this many voxels both are
     # block-averaged by the smallest integer factor that fits (pipeline/reporting/viewer_data.py).
     viewer_max_voxels: int = Field(524_288, ge=4096)

@@ -37,6 +37,7 @@ class ModelSpec:
     pool: str = "avg"  # global pooling of the last stage: avg (MONAI's), max, or lse (class-evidence maps)
     output_stride: int = 32  # 16 / 8: layer4 (and layer3) dilated instead of strided
     padding: str = "zeros"  # convolutions' padding mode: zeros (MONAI's) or replicate
+    width: int = 64  # channels of the first residual stage, doubled per stage (64: MONAI's 64-128-256-512)
     n_members: int = 1  # > 1: a fold ensemble of this many copies (`EnsembleNet`), one weights file
 
     def to_dict(self) -> dict:
@@ -130,7 +131,8 @@ def _resnet(spec: ModelSpec, feed_forward: bool) -> nn.Module:
 
     block, layers = RESNET_LAYERS[spec.name]
     net = ResNet(
-        block=block, layers=layers, block_inplanes=[64, 128, 256, 512], spatial_dims=spec.spatial_dims,
+        block=block, layers=layers, block_inplanes=[spec.width * 2**k for k in range(4)],
+        spatial_dims=spec.spatial_dims,
         n_input_channels=spec.in_channels, num_classes=spec.n_classes, conv1_t_stride=spec.conv1_t_stride,
         conv1_t_size=spec.conv1_t_size, feed_forward=feed_forward, shortcut_type="B",
     )
@@ -199,7 +201,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.name not in RESNET_LAYERS:
         raise ValueError(f"unknown model {spec.name!r}; choose one of {sorted(RESNET_LAYERS) + ['plain_cnn']}")
     if spec.spatial_dims == 2 and spec.input_ndim == 3:
-        n_features = 2048 if RESNET_LAYERS[spec.name][0] == "bottleneck" else 512
+        n_features = spec.width * 8 * (4 if RESNET_LAYERS[spec.name][0] == "bottleneck" else 1)
         if spec.pool == "lse":  # slices scored by the backbone's evidence head, then pooled
             return SliceMIL(_resnet(spec, feed_forward=True), None, spec.n_classes, spec.slices_2d)
         return SliceMIL(_resnet(spec, feed_forward=False), n_features, spec.n_classes, spec.slices_2d, spec.dropout)

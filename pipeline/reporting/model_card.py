@@ -187,8 +187,12 @@ def build_model_card(params: Params, models_dir: Path | str | None = None, repor
     source = (f"manifest `{Path(params.data.manifest).name}`" if params.data.source == "manifest"
               else f"MedMNIST `{params.data.medmnist.flag}`")
     sanity_path = ExplainDir(params.explain.out_dir).sanity
+    # The training settings as run: the network plan's choices where params left them null.
+    chosen = (plan.get("network") or {}).get("choices", {})
+    trained = params.train.model_copy(update={k: chosen[k] for k in ("lr", "batch_size", "epochs", "select")
+                                              if chosen.get(k) is not None})
     context = {
-        "params": params, "t": params.train, "info": info, "spec": info.get("spec", {}), "train": train,
+        "params": params, "t": trained, "info": info, "spec": info.get("spec", {}), "train": train,
         "plan": plan, "fingerprint": plan.get("fingerprint", {}), "ct": plan.get("ct") or {},
         "mr": plan.get("mr") or {}, "medmnist": plan.get("medmnist") or {}, "arrays": plan.get("arrays") or {},
         "name": extra.get("model_name", params.register.model_name),
