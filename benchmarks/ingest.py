@@ -116,14 +116,17 @@ def _uid(*parts: object) -> str:
     return pydicom.uid.generate_uid(entropy_srcs=["resdx-bench", str(GENERATOR_VERSION), *map(str, parts)])
 
 
-def generate_series(folder: Path, n_slices: int, size: int) -> None:
-    """Write a CT series (CT Image Storage, explicit VR little endian) with shuffled file names."""
+def generate_series(folder: Path, n_slices: int, size: int, spacing: float = PIXEL_SPACING_MM,
+                    thickness: float = SLICE_THICKNESS_MM, rle: bool = False, name: str = "") -> None:
+    """Write a CT series (CT Image Storage, explicit VR little endian, or RLE Lossless with `rle`) with
+    shuffled file names. `name` tells apart the series of a cohort (their UIDs); the defaults give the
+    benchmark's one series, byte for byte as before these options."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
     folder.mkdir(parents=True, exist_ok=True)
-    key = (n_slices, size)
+    key = (n_slices, size) + ((spacing, thickness, rle, name) if name else ())
     study, series, frame_of_ref = _uid(*key, "study"), _uid(*key, "series"), _uid(*key, "for")
 
     meta = FileMetaDataset()
@@ -150,7 +153,7 @@ def generate_series(folder: Path, n_slices: int, size: int) -> None:
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
     ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = f"{SLICE_THICKNESS_MM:.1f}"
+    ds.SliceThickness = f"{thickness:.1f}" if name else f"{SLICE_THICKNESS_MM:.1f}"
     ds.KVP = "120"
     ds.PatientPosition = "HFS"
     ds.StudyInstanceUID = study
@@ -164,7 +167,7 @@ def generate_series(folder: Path, n_slices: int, size: int) -> None:
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = ds.Columns = size
-    ds.PixelSpacing = [PIXEL_SPACING_MM, PIXEL_SPACING_MM]
+    ds.PixelSpacing = [spacing, spacing]
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15
@@ -175,12 +178,12 @@ def generate_series(folder: Path, n_slices: int, size: int) -> None:
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
 
-    half = (size - 1) / 2 * PIXEL_SPACING_MM
-    coords = np.arange(size) * PIXEL_SPACING_MM - half
+    half = (size - 1) / 2 * spacing
+    coords = np.arange(size) * spacing - half
     x, y = np.meshgrid(coords, coords)  # x varies along a row (columns), y down the image (rows)
     names = [f"IM{n:06d}" for n in random.Random(SEED).sample(range(10 * n_slices), n_slices)]
     for k in range(n_slices):  # acquisition order: head first, so z falls as InstanceNumber rises
-        z = -k * SLICE_THICKNESS_MM
+        z = -k * thickness
         t = 1.0 - k / max(1, n_slices - 1)
         stored = np.clip(np.rint(phantom_slice(x, y, t)), -1024, 3071).astype(np.int16) + np.int16(1024)
         sop = _uid(*key, "sop", k)
@@ -189,7 +192,11 @@ def generate_series(folder: Path, n_slices: int, size: int) -> None:
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [f"{-half:.4f}", f"{-half:.4f}", f"{z:.4f}"]
         ds.SliceLocation = f"{z:.4f}"
-        ds.PixelData = stored.astype("<i2").tobytes()
+        if rle:
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian  # compress() sets it again
+            ds.compress(RLELossless, stored.astype("<i2"), encoding_plugin="pylibjpeg", generate_instance_uid=False)
+        else:
+            ds.PixelData = stored.astype("<i2").tobytes()
         pydicom.dcmwrite(folder / names[k], ds, enforce_file_format=True)
 
 
