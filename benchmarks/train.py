@@ -71,10 +71,10 @@ CONFIGS = {  # name: (network spatial dims, input shape per case, network option
     # The network the plan picks for the shipped 48^3 demo (README "Network plan"), the 64-wide one it picked
     # before, and two cheaper variants: where its training time goes (issue 16: width, padding, dilation, pooling).
     "demo": (3, (48, 48, 48), {"name": "resnet10", "pool": "lse", "output_stride": 8, "padding": "replicate",
-                               "width": 32}),
+                               "width": 32, "max_channels": 128}),
     "demo_w64": (3, (48, 48, 48), {"name": "resnet10", "pool": "lse", "output_stride": 8, "padding": "replicate"}),
     "demo_zeros": (3, (48, 48, 48), {"name": "resnet10", "pool": "lse", "output_stride": 8, "padding": "zeros",
-                                     "width": 32}),
+                                     "width": 32, "max_channels": 128}),
     "demo_classic": (3, (48, 48, 48), {"name": "resnet10"}),
 }
 DEFAULT = ("3d", "2d")

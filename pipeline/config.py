@@ -158,7 +158,7 @@ class IngestConfig(_Strict):
 class ModelConfig(_Strict):
     """MONAI ResNet (2D/3D) or the plain, non-residual CNN baseline."""
 
-    # null (the default) for name, conv1_t_*, pool, output_stride, padding and width: the network plan
+    # null (the default) for name, conv1_t_*, pool, output_stride, padding, width and max_channels: the plan
     # (pipeline/core/recipe.py, README "Network plan") picks them from the data; a value overrides it.
     name: Literal["resnet10", "resnet18", "resnet34", "resnet50", "plain_cnn"] | None = None
     spatial_dims: Literal[2, 3] = 3
@@ -178,8 +178,10 @@ class ModelConfig(_Strict):
     # inputs: 2^3 cells at 32, 6^3 at 8 (a 2^3 map cannot point at anything smaller than an octant).
     output_stride: Literal[8, 16, 32] | None = None
     padding: Literal["zeros", "replicate"] | None = None
-    # ResNets: channels of the first residual stage, doubled per stage (64: MONAI's 64-128-256-512).
+    # ResNets: channels of the first residual stage, doubled per stage (64: MONAI's 64-128-256-512), and the
+    # most any stage may have (nnU-Net's max_num_features; 512 leaves MONAI's channels as they are).
     width: int | None = Field(None, ge=4)
+    max_channels: int | None = Field(None, ge=4)
     # Local MedicalNet-format weights (3D ResNets); never downloaded at run time.
     pretrained_path: Path | None = None
 

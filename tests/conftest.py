@@ -64,7 +64,7 @@ def tiny_params(tmp: Path, ingest_dir: Path, **train) -> dict:
     # before issue 16): tests of the stages should not change when the plan's rules change
     # (tests/test_recipe_views.py tests the rules; tests/test_dvc_pipeline.py runs them).
     model = {"name": "resnet10", "conv1_t_stride": 2, "conv1_t_size": 7, "pool": "lse", "output_stride": 8,
-             "padding": "replicate", "width": 64}
+             "padding": "replicate", "width": 64, "max_channels": 512}
     return {"seed": 5, "ingest": {"out_dir": str(ingest_dir), "splits_file": None}, "train": t, "model": model,
             "evaluate": {"out_dir": str(tmp / "reports"), "n_bootstrap": 200},
             "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "system_metrics": False}}

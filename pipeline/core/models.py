@@ -38,6 +38,7 @@ class ModelSpec:
     output_stride: int = 32  # 16 / 8: layer4 (and layer3) dilated instead of strided
     padding: str = "zeros"  # convolutions' padding mode: zeros (MONAI's) or replicate
     width: int = 64  # channels of the first residual stage, doubled per stage (64: MONAI's 64-128-256-512)
+    max_channels: int = 512  # no stage wider than this (nnU-Net's max_num_features): 512 leaves MONAI's as they are
     n_members: int = 1  # > 1: a fold ensemble of this many copies (`EnsembleNet`), one weights file
 
     def to_dict(self) -> dict:
@@ -126,12 +127,17 @@ class SliceMIL(nn.Module):
         return self.head(feats.max(dim=1).values)
 
 
+def stage_channels(spec: ModelSpec) -> list[int]:
+    """Channels of the four residual stages: `width` doubled per stage, capped at `max_channels`."""
+    return [min(spec.width * 2**k, spec.max_channels) for k in range(4)]
+
+
 def _resnet(spec: ModelSpec, feed_forward: bool) -> nn.Module:
     from monai.networks.nets import ResNet
 
     block, layers = RESNET_LAYERS[spec.name]
     net = ResNet(
-        block=block, layers=layers, block_inplanes=[spec.width * 2**k for k in range(4)],
+        block=block, layers=layers, block_inplanes=stage_channels(spec),
         spatial_dims=spec.spatial_dims,
         n_input_channels=spec.in_channels, num_classes=spec.n_classes, conv1_t_stride=spec.conv1_t_stride,
         conv1_t_size=spec.conv1_t_size, feed_forward=feed_forward, shortcut_type="B",
@@ -201,7 +207,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.name not in RESNET_LAYERS:
         raise ValueError(f"unknown model {spec.name!r}; choose one of {sorted(RESNET_LAYERS) + ['plain_cnn']}")
     if spec.spatial_dims == 2 and spec.input_ndim == 3:
-        n_features = spec.width * 8 * (4 if RESNET_LAYERS[spec.name][0] == "bottleneck" else 1)
+        n_features = stage_channels(spec)[-1] * (4 if RESNET_LAYERS[spec.name][0] == "bottleneck" else 1)
         if spec.pool == "lse":  # slices scored by the backbone's evidence head, then pooled
             return SliceMIL(_resnet(spec, feed_forward=True), None, spec.n_classes, spec.slices_2d)
         return SliceMIL(_resnet(spec, feed_forward=False), n_features, spec.n_classes, spec.slices_2d, spec.dropout)

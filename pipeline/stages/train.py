@@ -84,6 +84,7 @@ def model_spec(params: Params, train: CaseSet, plan: Plan) -> ModelSpec:
         input_ndim=input_ndim, conv1_t_stride=params.model.conv1_t_stride, conv1_t_size=params.model.conv1_t_size,
         slices_2d=params.model.slices_2d, dropout=params.model.dropout, pool=params.model.pool,
         output_stride=params.model.output_stride, padding=params.model.padding, width=params.model.width,
+        max_channels=params.model.max_channels,
     )
 
 
@@ -124,7 +125,8 @@ def resolved(params: Params, network: dict) -> Params:
     """Params with the network plan's choices filled in where params left them null."""
     c = network["choices"]
     model = params.model.model_copy(update={k: c[k] for k in ("name", "conv1_t_stride", "conv1_t_size", "pool",
-                                                              "output_stride", "padding", "width")})
+                                                              "output_stride", "padding", "width",
+                                                              "max_channels")})
     train = params.train.model_copy(update={"epochs": int(c["epochs"]), "batch_size": int(c["batch_size"]),
                                             "select": c["select"], "lr": float(c["lr"])})
     return params.model_copy(update={"model": model, "train": train})
