@@ -171,31 +171,37 @@ def run_dcm2niix(repo: Path, manifest: Path, workers: int, work: Path, env: dict
     return wall, int(n), int(ok)
 
 
-def large_cohort(root: Path, series: int) -> Path:
-    """`series` CT series of mixed sizes, 30% RLE Lossless, and their manifest (written once, then reused)."""
-    import random
-
+def _write_series(job: tuple) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from ingest import generate_series
+
+    folder, n_slices, size, spacing, thickness, rle, name = job
+    if not folder.exists():
+        partial = folder.with_name(folder.name + ".partial")
+        generate_series(partial, n_slices, size, spacing, thickness, rle=rle, name=name)
+        partial.rename(folder)
+
+
+def large_cohort(root: Path, series: int, workers: int = 2) -> Path:
+    """`series` CT series of mixed sizes, 30% RLE Lossless, and their manifest (written once, then reused)."""
+    import random
+    from multiprocessing import Pool
 
     manifest = root / f"large-{series}.csv"
     if manifest.exists():
         return manifest
     rng = random.Random(20261207)
-    rows = []
+    jobs, rows = [], []
     for i in range(series):
         size = rng.choice([192, 256, 320, 384])
         spacing = round(rng.uniform(320, 420) / size, 3)  # a 320-420 mm field of view
         thickness = rng.choice([1.0, 1.25, 2.0, 3.0])
         n_slices = rng.randint(60, 180)
-        folder = root / "series" / f"s{i:04d}"
-        if not folder.exists():
-            generate_series(folder.with_name(folder.name + ".partial"), n_slices, size, spacing, thickness,
-                            rle=rng.random() < 0.3, name=f"large-{i}")
-            folder.with_name(folder.name + ".partial").rename(folder)
-        else:
-            rng.random()
+        jobs.append((root / "series" / f"s{i:04d}", n_slices, size, spacing, thickness, rng.random() < 0.3,
+                     f"large-{i}"))
         rows.append([f"large-c{i:04d}", f"large-p{i // 2:04d}", "CT", f"series/s{i:04d}", i % 2])
+    with Pool(workers) as pool:
+        pool.map(_write_series, jobs, chunksize=1)
     with manifest.with_suffix(".partial").open("w", newline="") as fh:
         csv.writer(fh).writerows([["case_id", "patient_id", "modality", "path", "label"], *rows])
     manifest.with_suffix(".partial").rename(manifest)
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         manifest = repo / yaml.safe_load((repo / "configs/params.yaml").read_text())["data"]["manifest"]
     else:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        manifest = large_cohort(args.workdir.resolve(), args.series)
+        manifest = large_cohort(args.workdir.resolve(), args.series, args.workers)
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
     runners = {"resdx": lambda tmp: run_resdx(repo, manifest, args.workers, tmp, env),
                "monai": lambda tmp: run_monai(repo, manifest, args.workers, env),

@@ -17,8 +17,11 @@ from pipeline.errors import RejectedCase
 from pipeline.io.dicom_checks import is_regular_file
 
 
-def read_case(path: Path, modality: str, reader: ReaderSettings, series_uid: str = "") -> Volume:
-    """Read one case into a native `Volume` and check it is a usable 3D scan; raises `RejectedCase`."""
+def read_case(path: Path, modality: str, reader: ReaderSettings, series_uid: str = "",
+              integers: bool = False) -> Volume:
+    """Read one case into a native `Volume` and check it is a usable 3D scan; raises `RejectedCase`.
+    `integers`: a DICOM series whose rescale is integral and whose values fit comes as int16 (the same
+    values as float32, half the memory; `read_dicom_series`)."""
     from pipeline.io.dicom import read_dicom_series
     from pipeline.io.nifti import is_nifti, read_nifti
 
@@ -31,7 +34,7 @@ def read_case(path: Path, modality: str, reader: ReaderSettings, series_uid: str
         volume = read_nifti(path, reader.max_case_bytes)
     else:
         volume = read_dicom_series(path, series_uid=series_uid or None, min_slices=1,
-                                   take_volume=reader.take_volume, max_bytes=reader.max_case_bytes)
+                                   take_volume=reader.take_volume, max_bytes=reader.max_case_bytes, integers=integers)
         found = volume.meta.get("modality", "")
         if found in ("CT", "MR") and found != modality:
             raise RejectedCase("modality_mismatch", f"manifest says {modality} but the DICOM series is {found}")
