@@ -103,24 +103,39 @@ def _cubic_weights(t: np.ndarray) -> tuple[np.ndarray, ...]:
     return ((1 - t) ** 3 / 6, (3 * t3 - 6 * t2 + 4) / 6, (-3 * t3 + 3 * t2 + 3 * t + 1) / 6, t3 / 6)
 
 
+SPLINE_CHUNK_BYTES = 64 << 20  # the padded working copy of one pass is made this much at a time
+
+
 def spline_axis(data: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
     """Cubic-spline values of `data` at `coords` (index units) along `axis`, as scipy's `map_coordinates(...,
     order=3, mode="nearest")` gives them along one axis: edge padding, scipy's own prefilter, 4 taps.
 
-    float64 while the padded copy stays under `EXACT_PREFILTER_BYTES` (as scipy), else float32.
+    float64 while the padded copy stays under `EXACT_PREFILTER_BYTES` (as scipy), else float32. Every line
+    along `axis` is filtered on its own, so the volume is done in slabs across another axis, each padded
+    copy at most `SPLINE_CHUNK_BYTES` (the same values: a large CT's pass no longer needs a padded copy of it).
     """
     n = data.shape[axis]
     coords = np.clip(np.asarray(coords, dtype=np.float64), -SPLINE_PAD + 2, n - 1 + SPLINE_PAD - 3)
-    exact = 8 * (data.size // max(n, 1)) * (n + 2 * SPLINE_PAD) <= EXACT_PREFILTER_BYTES
-    padded = np.moveaxis(edge_pad_axis(data, axis, SPLINE_PAD, np.float64 if exact else np.float32), axis, 0)
-    ndimage.spline_filter1d(padded, order=3, axis=0, mode="nearest", output=padded)
+    dtype = np.float64 if 8 * (data.size // max(n, 1)) * (n + 2 * SPLINE_PAD) <= EXACT_PREFILTER_BYTES else np.float32
     x = coords + SPLINE_PAD
     first = np.floor(x).astype(np.intp) - 1
-    out = np.zeros((len(x), *padded.shape[1:]), dtype=padded.dtype)
-    shape = (len(x),) + (1,) * (padded.ndim - 1)
-    for tap, w in enumerate(_cubic_weights(x - np.floor(x))):
-        out += w.astype(padded.dtype).reshape(shape) * padded[first + tap]
-    return np.moveaxis(out, 0, axis)
+    weights = [w.astype(dtype).reshape((len(x),) + (1,) * (data.ndim - 1)) for w in _cubic_weights(x - np.floor(x))]
+    out = np.empty([len(x) if a == axis else k for a, k in enumerate(data.shape)], dtype=dtype)
+    across = max((a for a in range(data.ndim) if a != axis), key=lambda a: data.shape[a])
+    per_slab = np.dtype(dtype).itemsize * (n + 2 * SPLINE_PAD) * data.size // max(n * data.shape[across], 1)
+    step = max(1, SPLINE_CHUNK_BYTES // max(per_slab, 1))
+    for lo in range(0, data.shape[across], step):
+        part = tuple(slice(lo, lo + step) if a == across else slice(None) for a in range(data.ndim))
+        padded = np.moveaxis(edge_pad_axis(data[part], axis, SPLINE_PAD, dtype), axis, 0)
+        ndimage.spline_filter1d(padded, order=3, axis=0, mode="nearest", output=padded)
+        acc = np.zeros((len(x), *padded.shape[1:]), dtype=dtype)
+        tmp = np.empty_like(acc)
+        for tap, w in enumerate(weights):
+            np.take(padded, first + tap, axis=0, out=tmp)
+            np.multiply(w, tmp, out=tmp)
+            acc += tmp
+        out[part] = np.moveaxis(acc, 0, axis)
+    return out
 
 
 def edge_pad_axis(data: np.ndarray, axis: int, pad: int, dtype) -> np.ndarray:

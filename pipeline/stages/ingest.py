@@ -150,8 +150,11 @@ def _prepare(task: dict) -> dict:
             volume = read_case(row.path, row.modality, reader, row.series_uid, integers=True)
             data, affine = canonicalize(volume, row.modality, reader.max_case_bytes)
             # One contiguous copy: the canonical view (flipped, transposed) is read three times below, and
-            # np.save of a strided array goes element-block by element-block (10x slower on a large CT).
+            # np.save of a strided array goes element-block by element-block (10x slower on a large CT). The
+            # native array is let go, so the copy does not add a volume to the worker's peak.
+            native_shape = list(volume.data.shape[:3])
             data = np.ascontiguousarray(data)
+            volume.data = None
         except RejectedCase as err:
             out = dict(result, reason_code=err.code, reason=err.reason, key=canon_key)
             save_json(cache / f"{canon_key}.json", out)
@@ -165,7 +168,7 @@ def _prepare(task: dict) -> dict:
         save_npy(cache / f"{canon_key}.sample.npy", sample.astype(np.float32))
         out = dict(
             result, status="ok", key=canon_key, sample_key=canon_key,
-            native_shape=list(volume.data.shape[:3]), native_spacing=[round(s, 4) for s in volume.spacing],
+            native_shape=native_shape, native_spacing=[round(s, 4) for s in volume.spacing],
             native_affine=volume.affine.tolist(), canonical_affine=affine.tolist(), canonical_shape=list(data.shape),
             source_format=volume.meta.get("source_format", ""), manufacturer=volume.meta.get("manufacturer", ""),
             notes=volume.meta.get("notes", []),
