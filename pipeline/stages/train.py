@@ -78,14 +78,11 @@ def model_spec(params: Params, train: CaseSet, plan: Plan) -> ModelSpec:
     input_ndim = train.images.ndim - 2
     spatial = params.model.spatial_dims if input_ndim == 3 else 2  # 2D images always take a 2D network
     n_classes = int(plan.n_classes or (int(train.labels.max()) + 1))
-    return ModelSpec(
-        name=params.model.name, spatial_dims=spatial, in_channels=int(train.images.shape[1]),
-        n_classes=max(2, n_classes),
-        input_ndim=input_ndim, conv1_t_stride=params.model.conv1_t_stride, conv1_t_size=params.model.conv1_t_size,
-        slices_2d=params.model.slices_2d, dropout=params.model.dropout, pool=params.model.pool,
-        output_stride=params.model.output_stride, padding=params.model.padding, width=params.model.width,
-        max_channels=params.model.max_channels,
-    )
+    m = params.model
+    return ModelSpec(name=m.name, spatial_dims=spatial, in_channels=int(train.images.shape[1]),
+                     n_classes=max(2, n_classes), input_ndim=input_ndim, conv1_t_stride=m.conv1_t_stride,
+                     conv1_t_size=m.conv1_t_size, slices_2d=m.slices_2d, dropout=m.dropout, pool=m.pool,
+                     output_stride=m.output_stride, padding=m.padding, width=m.width, max_channels=m.max_channels)
 
 
 def run_key(params: Params, data_id: str) -> str:
@@ -124,9 +121,8 @@ def members_for(train: CaseSet, val: CaseSet, folds: int, seed: int) -> tuple[li
 def resolved(params: Params, network: dict) -> Params:
     """Params with the network plan's choices filled in where params left them null."""
     c = network["choices"]
-    model = params.model.model_copy(update={k: c[k] for k in ("name", "conv1_t_stride", "conv1_t_size", "pool",
-                                                              "output_stride", "padding", "width",
-                                                              "max_channels")})
+    chosen = ("name", "conv1_t_stride", "conv1_t_size", "pool", "output_stride", "padding", "width", "max_channels")
+    model = params.model.model_copy(update={k: c[k] for k in chosen})
     train = params.train.model_copy(update={"epochs": int(c["epochs"]), "batch_size": int(c["batch_size"]),
                                             "select": c["select"], "lr": float(c["lr"])})
     return params.model_copy(update={"model": model, "train": train})
