@@ -1,7 +1,8 @@
 """Grad-CAM / Grad-CAM++ maps for the ResDx networks, and their way back to the scanner grid.
 
 The maps are `monai.visualize` GradCAM / GradCAMpp `compute_map`s (class-weighted activations of
-the target layer, ReLU'd). Where MONAI falls short, this module does the rest itself:
+the target layer, ReLU'd), computed by `_layer_cells` with the same formulas (tested against MONAI) and a
+backward that stops at the layer. Where MONAI falls short, this module does the rest itself:
 - polarity: its default normalizer maps (min, max) to (1, 0), i.e. flips the map (MONAI tutorials
   issue 1796); ours keeps high = "supports the class";
 - one class per call: `class_idx` is one index for the whole batch (MONAI issue 8573), so each
