@@ -215,6 +215,9 @@ class TrainConfig(_Strict):
     # Which epoch is kept: best (by validation AUROC, with early stopping) or last (the annealed end of the
     # schedule); null = the plan's rule (last when the validation set has < 50 cases of its rarer class).
     select: Literal["best", "last"] | None = None
+    # Validate every N epochs and after the last (MONAI's val_interval); null = the plan's rule: 1 when the epoch
+    # is chosen by validation (select: best), else 5 (the validation pass only draws the curve then).
+    val_interval: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA; CPU always trains in fp32
     resume: bool = True

@@ -8,6 +8,7 @@ replaced, and a child that dies (the kernel's OOM killer, a crash in a decoder) 
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import time
 from collections.abc import Callable
@@ -151,8 +152,9 @@ class EpochBar:
 
     def epoch_done(self, epoch: int, row: dict, best: float) -> None:
         if self.show:
+            val = "not validated" if math.isnan(row["val_auroc"]) else f"{row['val_auroc']:.3f}"
             self.p.update(self.e, advance=1, info=f"epoch {epoch}: train loss {row['train_loss']:.4f}, "
-                          f"val AUROC {row['val_auroc']:.3f} (best {best:.3f})")
+                          f"val AUROC {val} (best {best:.3f})")
             self.p.reset(self.s)
 
     def close(self) -> None:

@@ -39,7 +39,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LOGLEVEL="INFO
 def _node(root: Path, ingest: Path) -> Path:
     """A node's folder and its params (3 epochs, the last kept: the weights compared are the final ones)."""
     root.mkdir(parents=True)
-    (root / "p.yaml").write_text(yaml.safe_dump(tiny_params(root, ingest, epochs=EPOCHS, select="last")))
+    params = tiny_params(root, ingest, epochs=EPOCHS, select="last", val_interval=1)  # every epoch's val_loss
+    (root / "p.yaml").write_text(yaml.safe_dump(params))
     return root
 
 

@@ -19,11 +19,11 @@ def test_the_plan_keeps_a_small_inputs_voxels_and_the_demo_network():
     small = plan_network([28, 28, 28], 1188, [942, 246], False, ModelConfig(), TrainConfig(), [76, 22])["choices"]
     assert small == {"name": "resnet10", "conv1_t_stride": 1, "conv1_t_size": 3, "pool": "avg", "output_stride": 32,
                      "padding": "zeros", "width": 64, "max_channels": 512, "lr": 3e-4, "batch_size": 16,
-                     "epochs": 8, "select": "last"}
+                     "epochs": 8, "select": "last", "val_interval": 5}
     demo = plan_network([48, 48, 48], 187, [95, 92], True, ModelConfig(), TrainConfig(), [32, 31])["choices"]
     assert demo == {"name": "resnet10", "conv1_t_stride": 2, "conv1_t_size": 7, "pool": "lse", "output_stride": 8,
                     "padding": "replicate", "width": 32, "max_channels": 128, "lr": 1e-3, "batch_size": 8,
-                    "epochs": 15, "select": "last"}
+                    "epochs": 15, "select": "last", "val_interval": 5}
 
 
 def test_every_planned_choice_can_be_overridden_and_says_why():

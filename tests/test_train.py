@@ -65,6 +65,22 @@ def test_training_is_deterministic_on_cpu_and_writes_the_contract(tiny_ingested,
     _assert_contract(tmp_path / "a" / "models", epochs=2)
 
 
+def test_validating_less_often_leaves_the_weights_and_marks_the_epochs_it_skipped(tiny_ingested, tmp_path):
+    from pipeline.stages.train import run_train
+
+    every = run_train(train_params(tmp_path / "a", tiny_ingested, train={"epochs": 3, "select": "last",
+                                                                        "val_interval": 1}), progress=False)
+    fewer = run_train(train_params(tmp_path / "b", tiny_ingested, train={"epochs": 3, "select": "last",
+                                                                        "val_interval": 2}), progress=False)
+    wa = load_file(str(tmp_path / "a/models/model.safetensors"))
+    wb = load_file(str(tmp_path / "b/models/model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # a validation pass draws no random numbers
+    assert [np.isnan(h["val_auroc"]) for h in fewer.history] == [True, False, False]  # epochs 2 and 3 (the last)
+    assert [h["val_auroc"] for h in fewer.history][1:] == [h["val_auroc"] for h in every.history][1:]
+    rows = (tmp_path / "b/models/history.csv").read_text().splitlines()
+    assert rows[1].split(",")[2:4] == ["", ""] and all(rows[2].split(",")[2:4]), rows
+
+
 def _assert_contract(models: Path, epochs: int) -> None:
     for name in ("model.safetensors", "model.json", "plan.json", "train_metrics.json", "history.csv",
                  "mlflow_run.json"):

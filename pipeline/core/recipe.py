@@ -44,8 +44,8 @@ def _output_stride(size: int, stem_stride: int, pool: str) -> tuple[int, str]:
 def plan_network(spatial: list[int], n_train: int, class_counts: list[int], has_masks: bool,
                  model: ModelConfig, train: TrainConfig, val_counts: list[int] | None = None) -> dict:
     """{"choices": {key: value}, "why": {key: reason}} for name, conv1_t_stride, conv1_t_size,
-    pool, output_stride, padding, width, max_channels, lr, batch_size, epochs and select; `model`/`train` values
-    override."""
+    pool, output_stride, padding, width, max_channels, lr, batch_size, epochs, select and val_interval;
+    `model`/`train` values override."""
     size = int(min(spatial)) if spatial else 1
     choices: dict = {}
     why: dict = {}
@@ -108,6 +108,11 @@ def plan_network(spatial: list[int], n_train: int, class_counts: list[int], has_
     else:
         pick("select", train.select, "best", f"{rare} validation cases of the rarer class: the best epoch by "
              "validation AUROC, with early stopping")
+    if choices["select"] == "best":
+        pick("val_interval", train.val_interval, 1, "the kept epoch is chosen by validation: every epoch")
+    else:
+        pick("val_interval", train.val_interval, 5, "the last epoch is kept, so validation only draws the curve: "
+             "every 5th epoch and the last (a pass costs about 10% of an epoch on the demo)")
     balance = (f"class counts {class_counts}: imbalance handled by train.imbalance={train.imbalance}"
                if class_counts else "")
     return {"choices": choices, "why": why, "fingerprint": {"input_size": list(spatial), "n_train": n_train,

@@ -124,7 +124,8 @@ def resolved(params: Params, network: dict) -> Params:
     chosen = ("name", "conv1_t_stride", "conv1_t_size", "pool", "output_stride", "padding", "width", "max_channels")
     model = params.model.model_copy(update={k: c[k] for k in chosen})
     train = params.train.model_copy(update={"epochs": int(c["epochs"]), "batch_size": int(c["batch_size"]),
-                                            "select": c["select"], "lr": float(c["lr"])})
+                                            "select": c["select"], "lr": float(c["lr"]),
+                                            "val_interval": int(c.get("val_interval") or 1)})
     return params.model_copy(update={"model": model, "train": train})
 
 
@@ -247,7 +248,7 @@ def _fit_member(params: Params, spec: ModelSpec, member: Member, plan: Plan, dha
         load_medicalnet(model, params.model.pretrained_path)
     model.to(device)
     opt, sched = make_optimizer(params, model, steps)
-    progress_state = _load_state(state, model, opt, sched) if t.resume else None
+    progress_state = load_train_state(state, model, opt, sched) if t.resume else None
     net = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
         if world > 1 else model
     multi = train.labels.ndim == 2  # multi-label: BCE with logits, one sigmoid per label
@@ -306,11 +307,13 @@ def _fit_member(params: Params, spec: ModelSpec, member: Member, plan: Plan, dha
                 loss_sum += loss.detach()  # summed on the device: no host sync per step
                 n_steps += 1
                 bar.step()
-            # Every rank evaluates the (small) validation set the same way: no broadcast needed.
-            val_logits = predict_logits(model, val.images, device, t.batch_size, amp)
-            val_loss = val_loss_of(val.labels, val_logits, multi)
-            val_auroc = auroc_of(val.labels, val_logits)
-            score = val_auroc if not math.isnan(val_auroc) else -val_loss
+            # Every rank evaluates the (small) validation set the same way: no broadcast needed. Skipping a pass
+            # draws no random numbers, so the weights do not depend on val_interval.
+            val_loss = val_auroc = score = math.nan
+            if (epoch + 1) % (t.val_interval or 1) == 0 or epoch == t.epochs - 1:
+                val_logits = predict_logits(model, val.images, device, t.batch_size, amp)
+                val_loss, val_auroc = val_loss_of(val.labels, val_logits, multi), auroc_of(val.labels, val_logits)
+                score = val_auroc if not math.isnan(val_auroc) else -val_loss
             row = {"epoch": epoch, "train_loss": float(loss_sum) / n_steps if n_steps else float("nan"),
                    "val_loss": val_loss, "val_auroc": val_auroc, "lr": opt.param_groups[0]["lr"],
                    "seconds": time.perf_counter() - te}
@@ -349,12 +352,12 @@ def _fit_member(params: Params, spec: ModelSpec, member: Member, plan: Plan, dha
             "stopped_early": len(hist) < t.epochs, "run_id": run_id or "", "trained": not bool(ps.get("finished"))}
 
 
+def _cell(v: float) -> str:
+    return "" if math.isnan(v) else f"{v:.5f}"  # empty: an epoch that was not validated
+
+
 def _save_state(state: Path, model, opt, sched, progress: dict) -> None:
     save_train_state(state, model, opt, sched, progress)
-
-
-def _load_state(state: Path, model, opt, sched) -> dict | None:
-    return load_train_state(state, model, opt, sched)
 
 
 def _export(out: Path, fits: list[dict], spec: ModelSpec, plan: Plan, params: Params, s: TrainSummary, dhash: str,
@@ -391,8 +394,6 @@ def _export(out: Path, fits: list[dict], spec: ModelSpec, plan: Plan, params: Pa
     save_json(layout.train_metrics, metrics)
     if params.mlflow.enabled:
         save_json(layout.run, {"run_id": s.run_id, "tracking_uri": params.mlflow.tracking_uri})
-    with layout.history.open("w") as fh:
-        fh.write("epoch,train_loss,val_loss,val_auroc,lr,fold\n")
-        for r in s.history:
-            fh.write(f"{r['epoch']},{r['train_loss']:.5f},{r['val_loss']:.5f},{r['val_auroc']:.5f},{r['lr']:.6g},"
-                     f"{r['fold']}\n")
+    rows = [(r["epoch"], *(_cell(r[k]) for k in ("train_loss", "val_loss", "val_auroc")), f"{r['lr']:.6g}", r["fold"])
+            for r in s.history]
+    save_csv(layout.history, ("epoch", "train_loss", "val_loss", "val_auroc", "lr", "fold"), rows)
