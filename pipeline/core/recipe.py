@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import ModelConfig, Params, TrainConfig
 
 MIN_STEM_GRID = 24  # voxels per axis the stem's output must keep for a stride-2 stem
 MIN_EVIDENCE_CELLS = 4  # last-stage cells per axis the evidence head needs to point at a finding
@@ -121,4 +121,17 @@ def plan_network(spatial: list[int], n_train: int, class_counts: list[int], has_
                                                              "balance": balance}}
 
 
-__all__ = ["plan_network"]
+MODEL_CHOICES = ("name", "conv1_t_stride", "conv1_t_size", "pool", "output_stride", "padding", "width", "max_channels")
+TRAIN_CHOICES = ("epochs", "batch_size", "select", "lr", "val_interval")
+
+
+def with_plan_choices(params: Params, network: dict) -> Params:
+    """Params with the network plan's choices (`plan_network(...)`, or plan.json's `network`) filled in: the
+    settings a model was trained with. A choice an older plan lacks keeps the params' value."""
+    c = network.get("choices", {})
+    model = params.model.model_copy(update={k: c[k] for k in MODEL_CHOICES if c.get(k) is not None})
+    train = params.train.model_copy(update={k: c[k] for k in TRAIN_CHOICES if c.get(k) is not None})
+    return params.model_copy(update={"model": model, "train": train})
+
+
+__all__ = ["plan_network", "with_plan_choices"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import jinja2
 
 from pipeline.config import Params
+from pipeline.core.recipe import with_plan_choices
 from pipeline.io.index import read_index
 from pipeline.layout import ExplainDir, IngestDir, ModelDir, ReportDir
 
@@ -188,9 +189,7 @@ def build_model_card(params: Params, models_dir: Path | str | None = None, repor
               else f"MedMNIST `{params.data.medmnist.flag}`")
     sanity_path = ExplainDir(params.explain.out_dir).sanity
     # The training settings as run: the network plan's choices where params left them null.
-    chosen = (plan.get("network") or {}).get("choices", {})
-    trained = params.train.model_copy(update={k: chosen[k] for k in ("lr", "batch_size", "epochs", "select")
-                                              if chosen.get(k) is not None})
+    trained = with_plan_choices(params, plan.get("network") or {}).train
     context = {
         "params": params, "t": trained, "info": info, "spec": info.get("spec", {}), "train": train,
         "plan": plan, "fingerprint": plan.get("fingerprint", {}), "ct": plan.get("ct") or {},

@@ -118,22 +118,11 @@ def members_for(train: CaseSet, val: CaseSet, folds: int, seed: int) -> tuple[li
     return members, fold_of
 
 
-def resolved(params: Params, network: dict) -> Params:
-    """Params with the network plan's choices filled in where params left them null."""
-    c = network["choices"]
-    chosen = ("name", "conv1_t_stride", "conv1_t_size", "pool", "output_stride", "padding", "width", "max_channels")
-    model = params.model.model_copy(update={k: c[k] for k in chosen})
-    train = params.train.model_copy(update={"epochs": int(c["epochs"]), "batch_size": int(c["batch_size"]),
-                                            "select": c["select"], "lr": float(c["lr"]),
-                                            "val_interval": int(c.get("val_interval") or 1)})
-    return params.model_copy(update={"model": model, "train": train})
-
-
 def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Path | str | None = None,
               progress: bool = True) -> TrainSummary:
     """Train (one model, or K fold members), keep each member's best epoch by validation AUROC,
     write OUT/{model.safetensors, model.json, plan.json, folds.csv, ...}."""
-    from pipeline.core.recipe import plan_network
+    from pipeline.core.recipe import plan_network, with_plan_choices
     from pipeline.tracking.runs import data_hash
 
     t0 = time.perf_counter()
@@ -163,7 +152,7 @@ def run_train(params: Params, ingest_dir: Path | str | None = None, out_dir: Pat
     has_masks = any(IngestDir(ingest_dir).mask(c).exists() for c in train.case_ids)
     network = plan_network(list(train.images.shape[2:]), len(first), _class_counts(first), has_masks, params.model,
                            params.train, val_counts=_class_counts(members[0].val))
-    params = resolved(params, network)
+    params = with_plan_choices(params, network)
     spec = model_spec(params, train, plan)
     dhash = data_hash(ingest_dir)
     # The tensors' own bytes, not only their sources': a change in preprocessing code (same sources, same
