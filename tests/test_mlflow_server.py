@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from conftest import tiny_params
@@ -140,6 +141,8 @@ def test_register_gate_and_predict_by_alias_through_the_server(server, trained, 
     yaml_path.write_text(yaml.safe_dump({"mlflow": {"tracking_uri": server.tracking_uri},
                                          "register": {"model_name": NAME}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    (tmp_path / "tmpdir").mkdir()
+    env["TMPDIR"] = str(tmp_path / "tmpdir")  # MLflow downloads the model here, and ResDx removes it once loaded
     done = subprocess.run([str(Path(sys.executable).with_name("resdx")), "predict", str(ct.path), "-o",
                            str(tmp_path / "out"), "-m", f"models:/{NAME}@champion", "-p", str(yaml_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -148,6 +151,19 @@ def test_register_gate_and_predict_by_alias_through_the_server(server, trained, 
     assert record["status"] == "ok" and record["model"] == {"uri": f"models:/{NAME}@champion", "name": NAME,
                                                             "version": "1"}
     assert record["probabilities"]["lesion"] == pytest.approx(evaluated[ct.case_id], abs=1e-4)
+    assert list((tmp_path / "tmpdir").iterdir()) == []
+
+
+def test_a_model_loaded_through_the_server_leaves_no_download_behind(server, registered, tmp_path, monkeypatch):
+    from pipeline.tracking.registry import load_pyfunc
+
+    _client(server)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    x = np.zeros((2, *load_pyfunc(f"models:/{NAME}/1").metadata.get_input_schema().inputs[0].shape[1:]),
+                 dtype=np.float32)
+    assert list(tmp_path.iterdir()) == []
+    mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(x)
+    assert len(list(tmp_path.iterdir())) == 1  # MLflow's own load: one download left behind per load
 
 
 def test_the_explain_stage_logs_to_the_training_run_on_the_server(server, trained, demo_cohort):

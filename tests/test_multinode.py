@@ -85,7 +85,9 @@ def _torchrun(*runs: tuple[Path, list[str]]):
             cmd = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "pipeline.cli", "train",
                    "--params", str(folder / "p.yaml")]
             with (folder / "torchrun.log").open("w") as log:
-                procs.append(subprocess.Popen(cmd, cwd=folder, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+                # TMPDIR: torchrun's log folders (torchelastic_*) stay in the test's folder, not in /tmp
+                procs.append(subprocess.Popen(cmd, cwd=folder, env=ENV | {"TMPDIR": str(folder)}, stdout=log,
+                                              stderr=subprocess.STDOUT,
                                               start_new_session=True))
         yield procs
     finally:

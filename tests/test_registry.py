@@ -268,6 +268,22 @@ def test_loading_and_predicting_unpickles_nothing(reg, monkeypatch):
     assert (reg["local"] / "code/pipeline/tracking/serving_model.py").exists()
 
 
+def test_a_version_loaded_from_a_removed_download_still_predicts(reg, tmp_path, monkeypatch):
+    # load_pyfunc removes MLflow's download once loaded (tests/test_mlflow_server.py: through a server, where
+    # MLflow downloads); with the local store of this test it copies the files first: same predictions.
+    import tempfile
+
+    from pipeline.io.tensors import load_split
+    from pipeline.tracking.registry import load_pyfunc
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    _client(reg)
+    x = load_split(reg["params"].ingest.out_dir, "test").images.numpy()
+    probs = load_pyfunc(f"models:/{NAME}/1").predict(x)
+    assert list(tmp_path.iterdir()) == []
+    np.testing.assert_allclose(probs, reg["by_alias"]["candidate"]["test"], atol=1e-6)  # v1, loaded at the start
+
+
 def test_model_card_is_written_and_bundled(reg):
     text = (reg["tmp"] / "reports/model_card.md").read_text()
     for heading in ("Intended use", "Data", "Preprocessing", "Performance", "Calibration", "Subgroups",

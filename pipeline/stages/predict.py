@@ -57,11 +57,12 @@ def resolve_model_version(model_uri: str) -> tuple[str | None, str | None]:
 
 def load_registered(model_uri: str):
     """`mlflow.pyfunc.load_model` and the ResDx implementation behind it."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
+    from pipeline.tracking.registry import load_pyfunc
+
     try:
-        pyfunc = mlflow.pyfunc.load_model(model_uri)
+        pyfunc = load_pyfunc(model_uri)
     except (MlflowException, OSError) as err:
         raise RegistryError(f"cannot load {model_uri}: {str(err)[:300]}",
                             hint="check --model (models:/NAME@ALIAS or models:/NAME/VERSION) and mlflow.tracking_uri; "

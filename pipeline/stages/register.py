@@ -63,6 +63,7 @@ from pipeline.tracking.registry import (
     fmt,
     gate_lock,
     jsonable,
+    load_pyfunc,
     log_pyfunc,
     newest_version,
     now,
@@ -74,9 +75,7 @@ def _score_champion(client, params: Params, name: str, champion: str, candidate_
                     ingest_dir: Path) -> np.ndarray:
     """Champion probabilities on the test cases: from the same tensors when it shares the plan,
     else from the source studies (manifest paths) through its own bundled preprocessing."""
-    import mlflow
-
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{champion}")
+    model = load_pyfunc(f"models:/{name}/{champion}")
     tags = client.get_model_version(name, champion).tags
     shape = model.metadata.get_input_schema().inputs[0].shape if model.metadata.get_input_schema() else None
     same_input = shape is not None and tuple(shape[1:]) == tuple(test.images.shape[1:])
@@ -131,8 +130,6 @@ def run_gate(params: Params, version: str | int, metrics: dict | None = None, in
 
 def _gate(client, params: Params, version: str, metrics: dict | None, ingest_dir: Path | str | None,
           apply: bool) -> dict:
-    import mlflow
-
     cfg = params.register
     name = cfg.model_name
     mv = client.get_model_version(name, version)
@@ -150,7 +147,7 @@ def _gate(client, params: Params, version: str, metrics: dict | None, ingest_dir
         test_set = load_split(Path(ingest_dir or params.ingest.out_dir), "test")
         y = test_set.labels.numpy()
         try:
-            cand = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+            cand = load_pyfunc(f"models:/{name}/{version}")
             p_cand = np.asarray(cand.predict(test_set.images.numpy()))
             p_champ = _score_champion(client, params, name, champion, mv.tags.get("plan_hash", ""), test_set,
                                       Path(ingest_dir or params.ingest.out_dir))

@@ -208,6 +208,18 @@ def log_pyfunc(run_id: str, models_dir: Path, reports_dir: Path, card: Path, inp
             )
 
 
+def load_pyfunc(model_uri: str):
+    """`mlflow.pyfunc.load_model`, downloading into a folder removed once loaded.
+
+    Without `dst_path` MLflow downloads a registered model into a new `mkdtemp` folder on every load and never
+    removes it (the demo's model: 9.5 MB, and the gate loads two per `resdx register`). Removing it is safe: the
+    ResDx model reads every artifact in `load_context`, and `pipeline` is already imported from its install."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="resdx-load-") as tmp:
+        return mlflow.pyfunc.load_model(model_uri, dst_path=tmp)
+
+
 def aliases_of(client, name: str, version: str) -> list[str]:
     return sorted(client.get_model_version(name, version).aliases)
 
