@@ -128,9 +128,15 @@ def test_a_finished_run_is_not_reused_when_the_tensors_change(tiny_ingested, tmp
 
     ing = tmp_path / "ing"
     shutil.copytree(tiny_ingested, ing)
-    run_train(train_params(tmp_path, ing, train={"epochs": 1}), progress=False)
-    run_train(train_params(tmp_path, ing, train={"epochs": 1}), progress=False)
+    first = run_train(train_params(tmp_path, ing, train={"epochs": 1}), progress=False)
+    (state,) = (tmp_path / "state").iterdir()
+    # finished: no last weights nor optimizer kept (a longer run is another run key), the best weights exported
+    assert sorted(f.name for f in state.iterdir()) == ["best.safetensors", "progress.json"]
+    weights = (tmp_path / "models/model.safetensors").read_bytes()
+    again = run_train(train_params(tmp_path, ing, train={"epochs": 1}), progress=False)
     assert len(list((tmp_path / "state").iterdir())) == 1  # the same run key: the finished run is reused
+    assert (tmp_path / "models/model.safetensors").read_bytes() == weights and again.history == first.history
+    assert first.members_trained and not again.members_trained
     from helpers import read_index
 
     case = next(r["case_id"] for r in read_index(ing) if r["split"] == "train" and r["status"] == "ok")

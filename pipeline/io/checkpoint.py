@@ -64,16 +64,20 @@ def save_train_state(state: Path, model, opt, sched, progress: dict) -> None:
 
     The epoch's weights and optimizer go to files named by the epoch; progress.json, written last and
     atomically, names them. A kill at any moment leaves the previous epoch's complete state or this one's,
-    never new weights beside an old epoch number."""
-    epoch = progress["epoch"]
-    weights, optim = f"last-{epoch}.safetensors", f"optim-{epoch}.pt"
-    save_weights(model, state / weights)
-    tmp = state / ".tmp-optim.pt"
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
-    tmp.replace(state / optim)
-    save_json(state / "progress.json", progress | {"files": [weights, optim]})
+    never new weights beside an old epoch number. A finished run is never trained further (a longer run is
+    another run key), so its state keeps progress.json and best.safetensors only: the last weights and the
+    optimizer (2x the weights with Adam) would be three times the network's size of dead files per run."""
+    keep: tuple[str, ...] = ()
+    if not progress.get("finished"):
+        epoch = progress["epoch"]
+        keep = (f"last-{epoch}.safetensors", f"optim-{epoch}.pt")
+        save_weights(model, state / keep[0])
+        tmp = state / ".tmp-optim.pt"
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp)
+        tmp.replace(state / keep[1])
+    save_json(state / "progress.json", progress | {"files": list(keep)})
     for old in [*state.glob("last*.safetensors"), *state.glob("optim*.pt")]:
-        if old.name not in (weights, optim):
+        if old.name not in keep:
             old.unlink(missing_ok=True)
 
 
@@ -89,12 +93,15 @@ def load_train_state(state: Path, model, opt, sched) -> dict | None:
         files = _broadcast_files(files, next(model.parameters()).device)
     if files is None:
         return None
+    progress = json.loads(files["progress.json"])
+    if not files["last.safetensors"]:  # a finished run: nothing left to resume, its best weights are exported
+        return progress
     model.load_state_dict(load(files["last.safetensors"]))
     # this run's own file, tensors only
     blob = torch.load(io.BytesIO(files["optim.pt"]), map_location="cpu", weights_only=True)
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
-    return json.loads(files["progress.json"])
+    return progress
 
 
 STATE_FILES = ("progress.json", "last.safetensors", "optim.pt")  # what a state holds, as sent between ranks
@@ -105,7 +112,10 @@ def _read_state_files(state: Path) -> dict[str, bytes] | None:
     if not (state / "progress.json").exists():
         return None
     progress = (state / "progress.json").read_bytes()
-    weights, optim = json.loads(progress).get("files", ["last.safetensors", "optim.pt"])
+    names = json.loads(progress).get("files", ["last.safetensors", "optim.pt"])
+    if not names:  # a finished run's state (see save_train_state)
+        return dict(zip(STATE_FILES, (progress, b"", b"")))
+    weights, optim = names
     return dict(zip(STATE_FILES, (progress, (state / weights).read_bytes(), (state / optim).read_bytes())))
 
 
