@@ -284,6 +284,25 @@ def test_a_version_loaded_from_a_removed_download_still_predicts(reg, tmp_path, 
     np.testing.assert_allclose(probs, reg["by_alias"]["candidate"]["test"], atol=1e-6)  # v1, loaded at the start
 
 
+def test_after_a_load_every_module_still_comes_from_the_installed_package(reg, tmp_path):
+    # Loading puts the model's bundled copy of `pipeline` on sys.path (MLflow's code_paths), then ResDx removes
+    # that copy. Were `pipeline` a namespace package, its path would follow sys.path and a module first imported
+    # after the load (what predict imports per study) would be looked for in the removed copy.
+    import subprocess
+    import sys
+
+    import pipeline
+
+    uri = reg["params"].mlflow.tracking_uri
+    code = "\n".join(["import mlflow, pipeline.tracking.registry as r",
+                       f"mlflow.set_tracking_uri({uri!r}); mlflow.set_registry_uri({uri!r})",
+                       f"r.load_pyfunc('models:/{NAME}/1')",
+                       "import pipeline.io.dicom_results as m; print(m.__file__)"])
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Path(done.stdout.strip()).parent.parent == Path(pipeline.__file__).parent
+
+
 def test_model_card_is_written_and_bundled(reg):
     text = (reg["tmp"] / "reports/model_card.md").read_text()
     for heading in ("Intended use", "Data", "Preprocessing", "Performance", "Calibration", "Subgroups",
