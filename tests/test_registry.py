@@ -268,9 +268,9 @@ def test_loading_and_predicting_unpickles_nothing(reg, monkeypatch):
     assert (reg["local"] / "code/pipeline/tracking/serving_model.py").exists()
 
 
-def test_a_version_loaded_from_a_removed_download_still_predicts(reg, tmp_path, monkeypatch):
+def test_a_version_in_the_local_store_is_read_in_place(reg, tmp_path, monkeypatch):
     # load_pyfunc removes MLflow's download once loaded (tests/test_mlflow_server.py: through a server, where
-    # MLflow downloads); with the local store of this test it copies the files first: same predictions.
+    # MLflow downloads); a local store's model is read where it is: no copy, the same predictions.
     import tempfile
 
     from pipeline.io.tensors import load_split

@@ -209,13 +209,20 @@ def log_pyfunc(run_id: str, models_dir: Path, reports_dir: Path, card: Path, inp
 
 
 def load_pyfunc(model_uri: str):
-    """`mlflow.pyfunc.load_model`, downloading into a folder removed once loaded.
+    """`mlflow.pyfunc.load_model`, leaving no download behind.
 
-    Without `dst_path` MLflow downloads a registered model into a new `mkdtemp` folder on every load and never
-    removes it (the demo's model: 9.5 MB, and the gate loads two per `resdx register`). Removing it is safe: the
-    ResDx model reads every artifact in `load_context`, and `pipeline` is already imported from its install."""
+    From a server's artifact store MLflow downloads the model into a new `mkdtemp` folder on every load and never
+    removes it (the demo's model: 9.5 MB; the gate loads two per `resdx register`): here it goes to a folder
+    removed once loaded, which is safe because the ResDx model reads every artifact in `load_context` and
+    `pipeline` (a regular package) keeps importing from its install. A local store's model is read in place, as
+    MLflow does (a copy would cost seconds and print a progress bar for nothing)."""
     import mlflow
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
+    repo = get_artifact_repository(model_uri)
+    if isinstance(getattr(repo, "repo", repo), LocalArtifactRepository):  # models:/ and runs:/ wrap the store's
+        return mlflow.pyfunc.load_model(model_uri)
     with tempfile.TemporaryDirectory(prefix="resdx-load-") as tmp:
         return mlflow.pyfunc.load_model(model_uri, dst_path=tmp)
 
